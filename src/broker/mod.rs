@@ -1,0 +1,252 @@
+//! The embedded MQTT broker: rumqttd's router and listeners, assembled by hand so that each device
+//! connection runs through sensorhub's capture codec.
+//!
+//! `rumqttd::Broker::start` would build the listeners with rumqttd's plain codecs and only log a
+//! listener that fails to bind. Here the router is spawned directly, every listener port is
+//! checked before use, and each listener runs as a task whose failure reaches the caller.
+//! rumqttd has no stop API: the router thread ends with the process, listeners end when their
+//! tasks are aborted. This module knows nothing of MongoDB, Redis or HTTP.
+
+pub mod capture;
+mod tap;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use rumqttd::local::LinkBuilder;
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::v5::V5;
+use rumqttd::{LinkType, Router, Server, ServerSettings};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use capture::{Capture, CaptureSink};
+
+use crate::domain::TOPIC_PREFIX;
+use crate::metrics::Metrics;
+
+/// The broker configuration shipped with sensorhub, used when no `rumqttd.toml` is found.
+pub const DEFAULT_CONFIG: &str = include_str!("../../rumqttd.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot read the broker configuration {path}: {message}")]
+    Config { path: String, message: String },
+    #[error(
+        "cannot listen for MQTT on {addr} ({name}): {source}. Another broker (mosquitto?) or a \
+         second sensorhub probably holds the port: stop it, or choose another address with \
+         --mqtt-listen / --mqtt5-listen"
+    )]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the broker's internal subscriber could not attach: {0}")]
+    Link(String),
+    #[error("the MQTT listener {name} on {addr} did not come up: {message}")]
+    Listener {
+        name: String,
+        addr: SocketAddr,
+        message: String,
+    },
+}
+
+/// Where the two listeners go, overriding the configuration file.
+#[derive(Clone, Debug, Default)]
+pub struct ListenOverrides {
+    pub mqtt: Option<SocketAddr>,
+    pub mqtt5: Option<SocketAddr>,
+}
+
+/// Loads rumqttd's configuration from `path`, or the shipped default when `path` is absent and
+/// `required` is false. Keys are read with serde as written (no lowercasing of user names).
+pub fn load_config(
+    path: &Path,
+    required: bool,
+    overrides: &ListenOverrides,
+) -> Result<rumqttd::Config, BrokerError> {
+    let figment = if path.exists() {
+        Figment::from(Toml::file(path))
+    } else if required {
+        return Err(BrokerError::Config {
+            path: path.display().to_string(),
+            message: "no such file".into(),
+        });
+    } else {
+        Figment::from(Toml::string(DEFAULT_CONFIG))
+    };
+    let mut config: rumqttd::Config = figment.extract().map_err(|e| BrokerError::Config {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    override_listen(&mut config.v4, overrides.mqtt);
+    override_listen(&mut config.v5, overrides.mqtt5);
+    // The capture codec sees every message before the router; the router must still keep a
+    // log for `sensors/#` from the start, so external subscribers and our tap can read it.
+    let filters = config
+        .router
+        .initialized_filters
+        .get_or_insert_with(Vec::new);
+    let ours = format!("{TOPIC_PREFIX}#");
+    if !filters.contains(&ours) {
+        filters.push(ours);
+    }
+    Ok(config)
+}
+
+fn override_listen(
+    servers: &mut Option<HashMap<String, ServerSettings>>,
+    addr: Option<SocketAddr>,
+) {
+    let (Some(addr), Some(servers)) = (addr, servers.as_mut()) else {
+        return;
+    };
+    // The first listener by key is "the" listener of that protocol.
+    if let Some(server) = servers
+        .keys()
+        .min()
+        .cloned()
+        .and_then(|k| servers.get_mut(&k))
+    {
+        server.listen = addr;
+    }
+}
+
+/// A running embedded broker.
+#[derive(Debug)]
+pub struct EmbeddedBroker {
+    listeners: Vec<(String, SocketAddr)>,
+}
+
+impl EmbeddedBroker {
+    /// Starts the router, attaches the tap, then opens the listeners. Returns once every
+    /// listener accepts connections. Listener and tap tasks join `tasks`.
+    pub async fn start(
+        config: rumqttd::Config,
+        sink: CaptureSink,
+        max_payload_bytes: usize,
+        metrics: Arc<Metrics>,
+        tasks: &mut JoinSet<anyhow::Result<()>>,
+        stop: CancellationToken,
+    ) -> Result<Self, BrokerError> {
+        let servers: Vec<(bool, ServerSettings)> = config
+            .v4
+            .iter()
+            .flat_map(|m| m.values().cloned().map(|s| (false, s)))
+            .chain(
+                config
+                    .v5
+                    .iter()
+                    .flat_map(|m| m.values().cloned().map(|s| (true, s))),
+            )
+            .collect();
+        for (_, settings) in &servers {
+            check_bindable(settings)?;
+        }
+
+        let router_tx = Router::new(config.id, config.router.clone()).spawn();
+        // An external client with the same id would kick the link off the router: make it
+        // unguessable.
+        let link_id = format!("sensorhub-tap-{:016x}", rand::random::<u64>());
+        let router_for_link = router_tx.clone();
+        let (mut link_tx, link_rx, _ack) = tokio::task::spawn_blocking(move || {
+            LinkBuilder::new(&link_id, router_for_link)
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| BrokerError::Link(e.to_string()))?
+        .map_err(BrokerError::Link)?;
+        link_tx
+            .subscribe(format!("{TOPIC_PREFIX}#"))
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        let tap_stop = stop.clone();
+        let tap_metrics = Arc::clone(&metrics);
+        tasks.spawn(async move {
+            // The link's sender must live as long as the subscription.
+            let _link_tx = link_tx;
+            tap::run(link_rx, tap_metrics, tap_stop).await;
+            Ok(())
+        });
+
+        let mut listeners = Vec::new();
+        for (v5, settings) in servers {
+            let name = settings.name.clone();
+            let addr = settings.listen;
+            let stop = stop.clone();
+            let router_tx = router_tx.clone();
+            let metrics = Arc::clone(&metrics);
+            let sink = Arc::clone(&sink);
+            let listener_name = name.clone();
+            tasks.spawn(async move {
+                let result = tokio::select! {
+                    result = async {
+                        if v5 {
+                            let codec = Capture::new(V5, sink, metrics, max_payload_bytes);
+                            Server::new(settings, router_tx, codec).start(LinkType::Remote).await
+                        } else {
+                            let codec = Capture::new(V4, sink, metrics, max_payload_bytes);
+                            Server::new(settings, router_tx, codec).start(LinkType::Remote).await
+                        }
+                    } => result,
+                    () = stop.cancelled() => return Ok(()),
+                };
+                match result {
+                    Ok(()) => anyhow::bail!("MQTT listener {listener_name} on {addr} stopped"),
+                    Err(e) => anyhow::bail!("MQTT listener {listener_name} on {addr} failed: {e}"),
+                }
+            });
+            listeners.push((name, addr));
+        }
+        for (name, addr) in &listeners {
+            wait_accepting(name, *addr).await?;
+        }
+        Ok(Self { listeners })
+    }
+
+    /// The listeners' names and addresses.
+    pub fn listeners(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+}
+
+/// rumqttd only logs a listener that cannot bind; find out first, with a message that helps.
+fn check_bindable(settings: &ServerSettings) -> Result<(), BrokerError> {
+    TcpListener::bind(settings.listen)
+        .map(drop)
+        .map_err(|source| BrokerError::Bind {
+            name: settings.name.clone(),
+            addr: settings.listen,
+            source,
+        })
+}
+
+async fn wait_accepting(name: &str, addr: SocketAddr) -> Result<(), BrokerError> {
+    let target = if addr.ip().is_unspecified() {
+        SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+    } else {
+        addr
+    };
+    for _ in 0..200 {
+        if tokio::task::spawn_blocking(move || {
+            TcpStream::connect_timeout(&target, Duration::from_millis(100))
+        })
+        .await
+        .is_ok_and(|r| r.is_ok())
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Err(BrokerError::Listener {
+        name: name.to_owned(),
+        addr,
+        message: "not accepting connections after 2 s".into(),
+    })
+}

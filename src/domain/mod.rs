@@ -1,0 +1,14 @@
+//! The vocabulary of sensorhub: what a reading is and how a raw MQTT message becomes one.
+//!
+//! Pure code. It imports nothing of ours and does no I/O, so every other module can depend on
+//! it and everything in it is tested without services.
+
+mod decode;
+mod reading;
+mod timestamp;
+
+pub use decode::{
+    Captured, DEAD_LETTER_RAW_BYTES, Limits, Reason, Rejection, TOPIC_PREFIX, decode,
+};
+pub use reading::{Kind, MAX_KIND_BYTES, MAX_SENSOR_ID_BYTES, Reading, SensorId};
+pub use timestamp::{Timestamp, TimestampError};

@@ -1,0 +1,151 @@
+//! A reading and the names it carries. Each type here can only be built by parsing, so a value of
+//! it is valid wherever it travels: storage and cache never re-check.
+
+use std::fmt;
+
+use super::Timestamp;
+
+/// The longest sensor id accepted, in bytes.
+pub const MAX_SENSOR_ID_BYTES: usize = 128;
+/// The longest kind (last topic level) accepted, in bytes.
+pub const MAX_KIND_BYTES: usize = 64;
+
+/// A device's own name for itself: 1 to 128 bytes of UTF-8 without control characters.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SensorId(String);
+
+impl SensorId {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        check_name(text, MAX_SENSOR_ID_BYTES).map(|()| Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SensorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a sensor measures, taken from the last level of its topic (`sensors/<kind>`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Kind(String);
+
+impl Kind {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        check_name(text, MAX_KIND_BYTES)?;
+        if text.contains(['+', '#', '/']) {
+            return Err(format!("'{text}' contains a wildcard or level separator"));
+        }
+        Ok(Self(text.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn check_name(text: &str, max_bytes: usize) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("it is empty".to_owned());
+    }
+    if text.len() > max_bytes {
+        return Err(format!(
+            "it is {} bytes long, the limit is {max_bytes}",
+            text.len()
+        ));
+    }
+    if text.trim().is_empty() {
+        return Err("it is only whitespace".to_owned());
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(format!(
+            "it contains the control character U+{:04X}",
+            u32::from(c)
+        ));
+    }
+    Ok(())
+}
+
+/// One measurement: a finite value a sensor took at a device-reported instant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading {
+    sensor_id: SensorId,
+    kind: Kind,
+    value: f64,
+    timestamp: Timestamp,
+}
+
+impl Reading {
+    /// `None` when `value` is NaN or infinite: those are not readings.
+    pub fn new(sensor_id: SensorId, kind: Kind, value: f64, timestamp: Timestamp) -> Option<Self> {
+        value.is_finite().then_some(Self {
+            sensor_id,
+            kind,
+            value,
+            timestamp,
+        })
+    }
+
+    pub fn sensor_id(&self) -> &SensorId {
+        &self.sensor_id
+    }
+
+    pub fn kind(&self) -> &Kind {
+        &self.kind
+    }
+
+    pub fn value(&self) -> f64 {
+        self.value
+    }
+
+    pub fn timestamp(&self) -> Timestamp {
+        self.timestamp
+    }
+
+    /// The reading's identity: one sensor has at most one reading per millisecond, so a
+    /// redelivery or a replay of it maps to the same key and is stored once.
+    pub fn key(&self) -> String {
+        format!("{}|{}", self.sensor_id, self.timestamp.as_millis())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sensor_ids_are_checked() {
+        assert!(SensorId::parse("temp-01").is_ok());
+        assert!(SensorId::parse("Halle 3 / Ofen ü").is_ok());
+        assert!(SensorId::parse(&"x".repeat(MAX_SENSOR_ID_BYTES)).is_ok());
+        assert!(SensorId::parse(&"x".repeat(MAX_SENSOR_ID_BYTES + 1)).is_err());
+        assert!(SensorId::parse("").is_err());
+        assert!(SensorId::parse("   ").is_err());
+        assert!(SensorId::parse("a\u{0}b").is_err());
+        assert!(SensorId::parse("a\nb").is_err());
+    }
+
+    #[test]
+    fn kinds_are_single_topic_levels() {
+        assert!(Kind::parse("temperature").is_ok());
+        assert!(Kind::parse("a/b").is_err());
+        assert!(Kind::parse("#").is_err());
+        assert!(Kind::parse("").is_err());
+    }
+
+    #[test]
+    fn non_finite_values_are_not_readings() {
+        let id = SensorId::parse("s").unwrap();
+        let kind = Kind::parse("k").unwrap();
+        let at = Timestamp::from_millis(0).unwrap();
+        for v in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            assert!(Reading::new(id.clone(), kind.clone(), v, at).is_none());
+        }
+        let r = Reading::new(id, kind, -0.5, at).unwrap();
+        assert_eq!(r.key(), "s|0");
+    }
+}

@@ -1,0 +1,580 @@
+//! The local log: the append-only spine between the broker and the stores.
+//!
+//! Every message captured on `sensors/#` is appended here before the broker acknowledges it; the
+//! ingest writer reads it back in order, stores it, and marks how far it got. MongoDB being down
+//! or slow only makes this log longer. The log must never wait on anything but the local disk,
+//! and it must never decide what a reading is (that is `domain::decode`).
+//!
+//! Layout on disk, in `dir`:
+//! - `<base>.seg`: segments of back-to-back records (`format`), named by the log position (LSN,
+//!   a byte offset over the whole log) of their first byte;
+//! - `checkpoint`: the LSN below which everything is stored (written atomically by rename);
+//! - `meta`: this log's random id, which keeps dead-letter ids unique across wiped logs.
+//!
+//! Durability: an append is one `write(2)` of a whole batch, so once `append` returns, a process
+//! crash cannot lose it. Power loss can lose what was not yet `fdatasync`ed; `FsyncPolicy` says
+//! how long that window is.
+
+mod format;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::watch;
+
+use crate::domain::Captured;
+use format::Frame;
+
+/// When appended bytes are forced to the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Leave it to the kernel (seconds of exposure to power loss, none to process crashes).
+    Never,
+    /// A background `fdatasync` every interval; appends do not wait for it.
+    Periodic(Duration),
+    /// Appends return only once their bytes are synced; concurrent appends share one sync.
+    Always,
+}
+
+#[derive(Clone, Debug)]
+pub struct JournalConfig {
+    pub dir: PathBuf,
+    /// A segment is sealed and a new one started beyond this size.
+    pub segment_bytes: u64,
+    /// Appends are refused while this many bytes are not yet stored.
+    pub max_bytes: u64,
+    pub fsync: FsyncPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("the local log is full: {pending} bytes wait to be stored, the limit is {max}")]
+    Full { pending: u64, max: u64 },
+    #[error("the local log is closed for shutdown")]
+    Closed,
+    #[error("the local log cannot be written: {0}")]
+    Io(#[from] io::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot use the local log directory {dir}: {source}")]
+    Io { dir: PathBuf, source: io::Error },
+}
+
+/// A handle on the open log; clones share it.
+#[derive(Clone, Debug)]
+pub struct Journal {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: JournalConfig,
+    log_id: String,
+    tail: Mutex<Tail>,
+    /// The LSN up to which records are written and readable.
+    end: watch::Sender<u64>,
+    /// The LSN below which the writer has stored everything (in memory; persisted by `checkpoint`).
+    stored: AtomicU64,
+    /// The LSN last persisted in the checkpoint file.
+    persisted: AtomicU64,
+    closed: AtomicBool,
+    sync: SyncState,
+    syncer: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Tail {
+    /// Bases of all segments on disk, ascending; the last is the active one.
+    segments: Vec<u64>,
+    active: File,
+    end: u64,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    durable: Mutex<u64>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+impl Journal {
+    /// Opens (or creates) the log in `config.dir`, cutting off a torn tail left by a crash.
+    pub fn open(config: JournalConfig) -> Result<Self, OpenError> {
+        let dir = config.dir.clone();
+        let io_err = |source| OpenError::Io {
+            dir: dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&config.dir).map_err(io_err)?;
+        let log_id = read_or_create_meta(&config.dir).map_err(io_err)?;
+        let mut segments = list_segments(&config.dir).map_err(io_err)?;
+        let checkpoint = read_checkpoint(&config.dir);
+        if segments.is_empty() {
+            segments.push(checkpoint);
+            File::create(segment_path(&config.dir, checkpoint)).map_err(io_err)?;
+        }
+        let last = *segments.last().unwrap_or(&checkpoint);
+        let valid = recover_tail(&segment_path(&config.dir, last)).map_err(io_err)?;
+        let end = last + valid;
+        let mut active = OpenOptions::new()
+            .append(true)
+            .open(segment_path(&config.dir, last))
+            .map_err(io_err)?;
+        active.flush().map_err(io_err)?;
+        // Everything before the first segment was stored and deleted.
+        let stored = checkpoint.clamp(segments[0], end);
+        let (end_tx, _) = watch::channel(end);
+        let shared = Arc::new(Shared {
+            config,
+            log_id,
+            tail: Mutex::new(Tail {
+                segments,
+                active,
+                end,
+            }),
+            end: end_tx,
+            stored: AtomicU64::new(stored),
+            persisted: AtomicU64::new(stored),
+            closed: AtomicBool::new(false),
+            sync: SyncState {
+                durable: Mutex::new(end),
+                ..SyncState::default()
+            },
+            syncer: Mutex::new(None),
+        });
+        if shared.config.fsync != FsyncPolicy::Never {
+            let for_thread = Arc::clone(&shared);
+            let handle = std::thread::Builder::new()
+                .name("journal-sync".into())
+                .spawn(move || run_syncer(&for_thread))
+                .map_err(io_err)?;
+            *lock(&shared.syncer) = Some(handle);
+        }
+        Ok(Self { shared })
+    }
+
+    /// This log's id, stable for the life of its directory.
+    pub fn log_id(&self) -> &str {
+        &self.shared.log_id
+    }
+
+    /// Appends `batch` as one write. Once this returns `Ok`, a process crash cannot lose it.
+    pub fn append(&self, batch: &[Captured]) -> Result<(), AppendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::with_capacity(batch.len() * 160);
+        for message in batch {
+            format::encode(message, &mut bytes);
+        }
+        let len = bytes.len() as u64;
+        let end = {
+            let mut tail = lock(&self.shared.tail);
+            // Checked under the lock, so `close` leaves a well-defined end behind it.
+            if self.shared.closed.load(Ordering::Acquire) {
+                return Err(AppendError::Closed);
+            }
+            let pending = tail.end - self.shared.stored.load(Ordering::Acquire);
+            if pending + len > self.shared.config.max_bytes {
+                return Err(AppendError::Full {
+                    pending,
+                    max: self.shared.config.max_bytes,
+                });
+            }
+            let base = *tail.segments.last().unwrap_or(&0);
+            if tail.end > base && tail.end - base + len > self.shared.config.segment_bytes {
+                self.roll(&mut tail)?;
+            }
+            if let Err(e) = tail.active.write_all(&bytes) {
+                // A partial write would leave half a record that later appends follow; cut it.
+                let base = *tail.segments.last().unwrap_or(&0);
+                let _ = tail.active.set_len(tail.end - base);
+                return Err(e.into());
+            }
+            tail.end += len;
+            self.shared.end.send_replace(tail.end);
+            tail.end
+        };
+        if self.shared.config.fsync == FsyncPolicy::Always {
+            self.shared.sync.changed.notify_all();
+            self.wait_durable(end);
+        }
+        Ok(())
+    }
+
+    fn roll(&self, tail: &mut Tail) -> Result<(), AppendError> {
+        // Sealed segments are synced once here, so recovery only ever checks the active one.
+        tail.active.sync_data()?;
+        let path = segment_path(&self.shared.config.dir, tail.end);
+        tail.active = OpenOptions::new().create(true).append(true).open(path)?;
+        tail.segments.push(tail.end);
+        Ok(())
+    }
+
+    fn wait_durable(&self, lsn: u64) {
+        let sync = &self.shared.sync;
+        let mut durable = lock(&sync.durable);
+        while *durable < lsn && !sync.stop.load(Ordering::Acquire) {
+            durable = sync
+                .changed
+                .wait_timeout(durable, Duration::from_millis(50))
+                .map(|(guard, _)| guard)
+                .unwrap_or_else(|poisoned| poisoned.into_inner().0);
+        }
+    }
+
+    /// Refuses all further appends. Returns the final end of the log.
+    pub fn close(&self) -> u64 {
+        let tail = lock(&self.shared.tail);
+        self.shared.closed.store(true, Ordering::Release);
+        tail.end
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// The LSN up to which records are written.
+    pub fn end(&self) -> u64 {
+        *self.shared.end.borrow()
+    }
+
+    /// The LSN below which everything is stored.
+    pub fn stored(&self) -> u64 {
+        self.shared.stored.load(Ordering::Acquire)
+    }
+
+    /// Bytes appended and not yet stored.
+    pub fn pending_bytes(&self) -> u64 {
+        self.end().saturating_sub(self.stored())
+    }
+
+    pub fn segment_count(&self) -> usize {
+        lock(&self.shared.tail).segments.len()
+    }
+
+    /// Records that everything below `lsn` is stored. Never moves backwards.
+    pub fn mark_stored(&self, lsn: u64) {
+        self.shared.stored.fetch_max(lsn, Ordering::AcqRel);
+    }
+
+    /// Persists the stored mark and deletes segments that lie wholly below it.
+    pub fn checkpoint(&self) -> io::Result<()> {
+        let stored = self.stored();
+        if stored == self.shared.persisted.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let dir = &self.shared.config.dir;
+        let tmp = dir.join("checkpoint.tmp");
+        let mut file = File::create(&tmp)?;
+        writeln!(file, "{stored}")?;
+        file.sync_data()?;
+        fs::rename(&tmp, dir.join("checkpoint"))?;
+        self.shared.persisted.store(stored, Ordering::Release);
+        let doomed: Vec<u64> = {
+            let mut tail = lock(&self.shared.tail);
+            let keep_from = tail
+                .segments
+                .iter()
+                .rposition(|&base| base <= stored)
+                .unwrap_or(0);
+            tail.segments.drain(..keep_from).collect()
+        };
+        for base in doomed {
+            fs::remove_file(segment_path(dir, base))?;
+        }
+        Ok(())
+    }
+
+    /// A reader positioned at the stored mark: what a restart must replay comes first.
+    pub fn reader(&self) -> JournalReader {
+        JournalReader {
+            journal: self.clone(),
+            end_rx: self.shared.end.subscribe(),
+            position: self.stored(),
+            file: None,
+            carry: BytesMut::new(),
+            corrupt_bytes: 0,
+        }
+    }
+
+    /// Stops the sync thread after a last sync. Appends must be closed first.
+    pub fn shutdown(&self) {
+        self.close();
+        self.shared.sync.stop.store(true, Ordering::Release);
+        self.shared.sync.changed.notify_all();
+        if let Some(handle) = lock(&self.shared.syncer).take() {
+            let _ = handle.join();
+        }
+        let tail = lock(&self.shared.tail);
+        let _ = tail.active.sync_data();
+    }
+
+    fn segment_for(&self, lsn: u64) -> Option<(u64, Option<u64>)> {
+        let tail = lock(&self.shared.tail);
+        let idx = tail.segments.iter().rposition(|&base| base <= lsn)?;
+        Some((tail.segments[idx], tail.segments.get(idx + 1).copied()))
+    }
+}
+
+/// Reads the log in order from a position, waiting at its end for more.
+#[derive(Debug)]
+pub struct JournalReader {
+    journal: Journal,
+    end_rx: watch::Receiver<u64>,
+    position: u64,
+    file: Option<OpenSegment>,
+    /// Bytes read past the last whole record.
+    carry: BytesMut,
+    corrupt_bytes: u64,
+}
+
+#[derive(Debug)]
+struct OpenSegment {
+    base: u64,
+    file: File,
+}
+
+/// Records read in one go, and the LSN just past the last of them.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub records: Vec<Captured>,
+    pub end: u64,
+}
+
+impl JournalReader {
+    /// The LSN of the next record to read.
+    pub fn position(&self) -> u64 {
+        self.position
+    }
+
+    /// Bytes skipped because they were not records (disk corruption); zero in a healthy log.
+    pub fn corrupt_bytes(&self) -> u64 {
+        self.corrupt_bytes
+    }
+
+    /// Waits until the log holds something past our position, or until `closed` resolves.
+    /// Returns false when it gave up because of `closed`.
+    pub async fn wait(&mut self, closed: impl Future<Output = ()>) -> bool {
+        let position = self.position;
+        tokio::select! {
+            result = self.end_rx.wait_for(|&end| end > position) => result.is_ok(),
+            () = closed => false,
+        }
+    }
+
+    /// Reads whole records up to about `max_bytes`, without waiting. Blocking file I/O: call it
+    /// where blocking is allowed.
+    pub fn read(&mut self, max_bytes: usize) -> io::Result<Batch> {
+        let end = self.journal.end();
+        let start = self.position;
+        let mut records = Vec::new();
+        while self.position < end && self.position - start < max_bytes as u64 {
+            let dir = self.journal.shared.config.dir.clone();
+            let (base, next_base) = self.journal.segment_for(self.position).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no local log segment holds position {}", self.position),
+                )
+            })?;
+            if self.file.as_ref().is_none_or(|open| open.base != base) {
+                self.carry.clear();
+                self.file = Some(OpenSegment {
+                    base,
+                    file: File::open(segment_path(&dir, base))?,
+                });
+            }
+            let Some(open) = self.file.as_mut() else {
+                break;
+            };
+            // A batch never spans segments, so a segment ends at the next one's base.
+            let segment_end = next_base.unwrap_or(end).min(end);
+            let file_pos = self.position - base + self.carry.len() as u64;
+            let want = (segment_end - base).saturating_sub(file_pos);
+            let mut got = 0;
+            if want > 0 {
+                let want = want.min(max_bytes.max(64 * 1024) as u64) as usize;
+                let from = self.carry.len();
+                self.carry.resize(from + want, 0);
+                open.file.seek(SeekFrom::Start(file_pos))?;
+                got = read_full(&mut open.file, &mut self.carry[from..])?;
+                self.carry.truncate(from + got);
+            }
+            let buf = self.carry.split().freeze();
+            let mut used = 0;
+            loop {
+                match format::decode(&buf.slice(used..)) {
+                    Frame::Record(record, len) => {
+                        used += len;
+                        records.push(record);
+                    }
+                    Frame::Incomplete => break,
+                    Frame::Corrupt => {
+                        // The segment was damaged on disk. Nothing after the damage in it can
+                        // be framed again: skip to the segment's end and count the loss.
+                        let at = self.position + used as u64;
+                        let skipped = segment_end.saturating_sub(at);
+                        tracing::error!(
+                            lsn = at,
+                            skipped_bytes = skipped,
+                            "local log segment is corrupt; skipping the rest of it"
+                        );
+                        self.corrupt_bytes += skipped;
+                        self.position = segment_end;
+                        used = buf.len();
+                        break;
+                    }
+                }
+            }
+            if used < buf.len() {
+                self.carry.extend_from_slice(&buf[used..]);
+                self.position += used as u64;
+            } else if self.position < segment_end {
+                self.position += used as u64;
+            }
+            let at_segment_end = self.position >= segment_end && next_base.is_some();
+            if at_segment_end {
+                self.carry.clear();
+                self.file = None;
+            } else if got == 0 && used == 0 {
+                // Nothing more can be framed until more is written.
+                break;
+            }
+        }
+        Ok(Batch {
+            records,
+            end: self.position,
+        })
+    }
+}
+
+fn read_full(file: &mut File, mut buf: &mut [u8]) -> io::Result<usize> {
+    let mut total = 0;
+    while !buf.is_empty() {
+        match file.read(buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n;
+                buf = &mut buf[n..];
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
+}
+
+fn run_syncer(shared: &Shared) {
+    let interval = match shared.config.fsync {
+        FsyncPolicy::Periodic(every) => every,
+        FsyncPolicy::Always | FsyncPolicy::Never => Duration::from_millis(50),
+    };
+    let always = shared.config.fsync == FsyncPolicy::Always;
+    loop {
+        let stop = shared.sync.stop.load(Ordering::Acquire);
+        {
+            // Sleep until the next period, or (Always) until an append wakes us.
+            let durable = lock(&shared.sync.durable);
+            let work_waiting = always && *durable < *shared.end.borrow();
+            if !stop && !work_waiting {
+                let _ = shared.sync.changed.wait_timeout(durable, interval);
+            }
+        }
+        let (end, file) = {
+            let tail = lock(&shared.tail);
+            (tail.end, tail.active.try_clone())
+        };
+        if end > *lock(&shared.sync.durable) {
+            match file.and_then(|f| f.sync_data()) {
+                Ok(()) => {
+                    let mut durable = lock(&shared.sync.durable);
+                    *durable = (*durable).max(end);
+                    shared.sync.changed.notify_all();
+                }
+                Err(e) => tracing::error!(error = %e, "cannot sync the local log to disk"),
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind, still consistent
+    // enough to keep serving; poisoning must not take the ingest path down with it.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.seg"))
+}
+
+fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(base) = name.strip_suffix(".seg").and_then(|s| s.parse().ok()) {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+fn read_checkpoint(dir: &Path) -> u64 {
+    fs::read_to_string(dir.join("checkpoint"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn read_or_create_meta(dir: &Path) -> io::Result<String> {
+    let path = dir.join("meta");
+    if let Ok(text) = fs::read_to_string(&path) {
+        let id = text.trim();
+        if !id.is_empty() {
+            return Ok(id.to_owned());
+        }
+    }
+    let id = format!("{:016x}", rand::random::<u64>());
+    let tmp = dir.join("meta.tmp");
+    fs::write(&tmp, format!("{id}\n"))?;
+    fs::rename(tmp, path)?;
+    Ok(id)
+}
+
+/// Scans a segment and cuts it after its last whole record. Returns the kept length.
+fn recover_tail(path: &Path) -> io::Result<u64> {
+    let bytes = Bytes::from(fs::read(path)?);
+    let mut valid = 0;
+    while let Frame::Record(_, len) = format::decode(&bytes.slice(valid..)) {
+        valid += len;
+    }
+    if valid < bytes.len() {
+        tracing::warn!(
+            segment = %path.display(),
+            cut_bytes = bytes.len() - valid,
+            "cutting a torn record off the local log (a crash interrupted a write)"
+        );
+        OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(valid as u64)?;
+    }
+    Ok(valid as u64)
+}
+
+#[cfg(test)]
+mod tests;

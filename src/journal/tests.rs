@@ -1,0 +1,182 @@
+use std::io::Write as _;
+
+use super::*;
+use crate::domain::Timestamp;
+
+fn config(dir: &Path) -> JournalConfig {
+    JournalConfig {
+        dir: dir.to_path_buf(),
+        segment_bytes: 4096,
+        max_bytes: 1 << 20,
+        fsync: FsyncPolicy::Never,
+    }
+}
+
+fn message(n: usize) -> Captured {
+    Captured::new(
+        Timestamp::from_millis(1_700_000_000_000 + n as i64).unwrap(),
+        Bytes::from_static(b"sensors/temperature"),
+        Bytes::from(format!(
+            r#"{{"sensor_id":"s{n}","value":{n},"timestamp":"2024-01-01"}}"#
+        )),
+        16 * 1024,
+    )
+}
+
+fn read_all(reader: &mut JournalReader) -> Vec<Captured> {
+    let mut out = Vec::new();
+    while reader.position() < reader.journal.end() {
+        out.extend(reader.read(1000).unwrap().records);
+    }
+    out
+}
+
+#[test]
+fn reads_back_what_was_appended_across_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    let written: Vec<Captured> = (0..500).map(message).collect();
+    for chunk in written.chunks(7) {
+        journal.append(chunk).unwrap();
+    }
+    assert!(journal.segment_count() > 5, "small segments must roll");
+    let mut reader = journal.reader();
+    assert_eq!(read_all(&mut reader), written);
+    assert_eq!(reader.position(), journal.end());
+}
+
+#[test]
+fn checkpoint_deletes_stored_segments_and_restart_resumes_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let written: Vec<Captured> = (0..300).map(message).collect();
+    let resume_at;
+    {
+        let journal = Journal::open(config(dir.path())).unwrap();
+        for chunk in written.chunks(10) {
+            journal.append(chunk).unwrap();
+        }
+        let mut reader = journal.reader();
+        let batch = reader.read(2000).unwrap();
+        resume_at = batch.records.len();
+        journal.mark_stored(batch.end);
+        let before = journal.segment_count();
+        journal.checkpoint().unwrap();
+        assert!(journal.segment_count() < before);
+        journal.shutdown();
+    }
+    let journal = Journal::open(config(dir.path())).unwrap();
+    let mut reader = journal.reader();
+    assert_eq!(read_all(&mut reader), written[resume_at..].to_vec());
+}
+
+#[test]
+fn a_torn_tail_is_cut_and_appends_continue_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let journal = Journal::open(config(dir.path())).unwrap();
+        journal.append(&[message(1), message(2)]).unwrap();
+        journal.shutdown();
+    }
+    let last = list_segments(dir.path()).unwrap().pop().unwrap();
+    let mut half = Vec::new();
+    format::encode(&message(3), &mut half);
+    half.truncate(half.len() / 2);
+    OpenOptions::new()
+        .append(true)
+        .open(segment_path(dir.path(), last))
+        .unwrap()
+        .write_all(&half)
+        .unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    journal.append(&[message(4)]).unwrap();
+    let mut reader = journal.reader();
+    assert_eq!(
+        read_all(&mut reader),
+        vec![message(1), message(2), message(4)]
+    );
+}
+
+#[test]
+fn refuses_when_full_until_the_writer_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(JournalConfig {
+        max_bytes: 1000,
+        ..config(dir.path())
+    })
+    .unwrap();
+    let mut accepted = 0;
+    let refusal = loop {
+        match journal.append(&[message(accepted)]) {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refusal, AppendError::Full { .. }), "{refusal}");
+    assert!(accepted > 3);
+    journal.mark_stored(journal.end());
+    journal.append(&[message(999)]).unwrap();
+}
+
+#[test]
+fn close_refuses_appends_and_reports_the_final_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    journal.append(&[message(1)]).unwrap();
+    let end = journal.close();
+    assert_eq!(end, journal.end());
+    assert!(matches!(
+        journal.append(&[message(2)]),
+        Err(AppendError::Closed)
+    ));
+}
+
+#[test]
+fn always_policy_appends_return_after_a_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(JournalConfig {
+        fsync: FsyncPolicy::Always,
+        ..config(dir.path())
+    })
+    .unwrap();
+    for n in 0..20 {
+        journal.append(&[message(n)]).unwrap();
+        assert!(*lock(&journal.shared.sync.durable) >= journal.end());
+    }
+    journal.shutdown();
+}
+
+#[test]
+fn corruption_in_a_sealed_segment_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    let written: Vec<Captured> = (0..200).map(message).collect();
+    for chunk in written.chunks(5) {
+        journal.append(chunk).unwrap();
+    }
+    let first = list_segments(dir.path()).unwrap()[0];
+    let path = segment_path(dir.path(), first);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[20] ^= 0xff;
+    fs::write(&path, bytes).unwrap();
+    let mut reader = journal.reader();
+    let back = read_all(&mut reader);
+    assert!(reader.corrupt_bytes() > 0);
+    assert!(back.len() < written.len());
+    assert_eq!(back.last(), written.last());
+}
+
+#[tokio::test]
+async fn a_waiting_reader_wakes_on_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    let mut reader = journal.reader();
+    let writer = journal.clone();
+    let append = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        writer.append(&[message(7)]).unwrap();
+    });
+    assert!(reader.wait(std::future::pending()).await);
+    assert_eq!(reader.read(100).unwrap().records, vec![message(7)]);
+    append.await.unwrap();
+    assert!(!reader.wait(std::future::ready(())).await);
+}

@@ -1,0 +1,4 @@
+pub mod broker;
+pub mod domain;
+pub mod journal;
+pub mod metrics;
