@@ -1,4 +1,35 @@
+//! sensorhub: MQTT sensor readings in, queryable history out, in one process.
+//!
+//! # Layout
+//!
+//! The modules follow the flow of a reading:
+//!
+//! - [`broker`]: the embedded rumqttd broker; its capture codec writes every `sensors/#` message
+//!   to the local log before the broker acknowledges it;
+//! - [`journal`]: the local log on disk, the pipeline's spine;
+//! - [`ingest`]: reads the log, judges messages, stores readings and dead letters, feeds and
+//!   repairs the Redis latest sets;
+//! - [`store`]: MongoDB (history, dead letters);
+//! - [`cache`]: Redis (latest ten per sensor and overall);
+//! - [`api`]: the HTTP API, OpenAPI document and UI;
+//! - [`simulator`]: simulated sensors over real MQTT;
+//! - [`domain`]: the vocabulary underneath (readings, timestamps, decoding), pure;
+//! - [`metrics`]: counters shared by all stages;
+//! - [`config`], [`app`], [`cli`]: settings, wiring and the command line.
+//!
+//! Dependencies point one way: `domain` and `metrics` import nothing else of ours; `broker`,
+//! `journal`, `store` and `cache` import only those; `ingest` joins the adapters; `api` reads
+//! `store` and `cache` and never touches the broker; only `app` knows everything.
+
+pub mod api;
+pub mod app;
 pub mod broker;
+pub mod cache;
+pub mod cli;
+pub mod config;
 pub mod domain;
+pub mod ingest;
 pub mod journal;
 pub mod metrics;
+pub mod simulator;
+pub mod store;

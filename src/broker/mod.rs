@@ -146,9 +146,7 @@ impl EmbeddedBroker {
                     .flat_map(|m| m.values().cloned().map(|s| (true, s))),
             )
             .collect();
-        for (_, settings) in &servers {
-            check_bindable(settings)?;
-        }
+        check_listeners(&config)?;
 
         let router_tx = Router::new(config.id, config.router.clone()).spawn();
         // An external client with the same id would kick the link off the router: make it
@@ -217,14 +215,22 @@ impl EmbeddedBroker {
 }
 
 /// rumqttd only logs a listener that cannot bind; find out first, with a message that helps.
-fn check_bindable(settings: &ServerSettings) -> Result<(), BrokerError> {
-    TcpListener::bind(settings.listen)
-        .map(drop)
-        .map_err(|source| BrokerError::Bind {
-            name: settings.name.clone(),
-            addr: settings.listen,
-            source,
-        })
+pub fn check_listeners(config: &rumqttd::Config) -> Result<(), BrokerError> {
+    let servers = config
+        .v4
+        .iter()
+        .chain(config.v5.iter())
+        .flat_map(|m| m.values());
+    for settings in servers {
+        TcpListener::bind(settings.listen)
+            .map(drop)
+            .map_err(|source| BrokerError::Bind {
+                name: settings.name.clone(),
+                addr: settings.listen,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 async fn wait_accepting(name: &str, addr: SocketAddr) -> Result<(), BrokerError> {

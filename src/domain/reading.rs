@@ -106,6 +106,26 @@ impl Reading {
         self.timestamp
     }
 
+    /// The public JSON form of a reading, as the HTTP API returns it and the cache keeps it:
+    /// `{"sensor_id":..,"kind":..,"value":..,"timestamp":"<RFC 3339 UTC>"}`.
+    pub fn to_json(&self) -> String {
+        #[derive(serde::Serialize)]
+        struct Json<'a> {
+            sensor_id: &'a str,
+            kind: &'a str,
+            value: f64,
+            timestamp: String,
+        }
+        let json = Json {
+            sensor_id: self.sensor_id.as_str(),
+            kind: self.kind.as_str(),
+            value: self.value,
+            timestamp: self.timestamp.to_string(),
+        };
+        // Serializing strings and a finite float cannot fail.
+        serde_json::to_string(&json).unwrap_or_default()
+    }
+
     /// The reading's identity: one sensor has at most one reading per millisecond, so a
     /// redelivery or a replay of it maps to the same key and is stored once.
     pub fn key(&self) -> String {
@@ -147,5 +167,9 @@ mod tests {
         }
         let r = Reading::new(id, kind, -0.5, at).unwrap();
         assert_eq!(r.key(), "s|0");
+        assert_eq!(
+            r.to_json(),
+            r#"{"sensor_id":"s","kind":"k","value":-0.5,"timestamp":"1970-01-01T00:00:00.000Z"}"#
+        );
     }
 }

@@ -343,10 +343,17 @@ struct OpenSegment {
     file: File,
 }
 
+/// A record and the log position (LSN) of its first byte, unique within this log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub lsn: u64,
+    pub message: Captured,
+}
+
 /// Records read in one go, and the LSN just past the last of them.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub records: Vec<Captured>,
+    pub records: Vec<Record>,
     pub end: u64,
 }
 
@@ -412,9 +419,12 @@ impl JournalReader {
             let mut used = 0;
             loop {
                 match format::decode(&buf.slice(used..)) {
-                    Frame::Record(record, len) => {
+                    Frame::Record(message, len) => {
+                        records.push(Record {
+                            lsn: self.position + used as u64,
+                            message,
+                        });
                         used += len;
-                        records.push(record);
                     }
                     Frame::Incomplete => break,
                     Frame::Corrupt => {

@@ -26,7 +26,14 @@ fn message(n: usize) -> Captured {
 fn read_all(reader: &mut JournalReader) -> Vec<Captured> {
     let mut out = Vec::new();
     while reader.position() < reader.journal.end() {
-        out.extend(reader.read(1000).unwrap().records);
+        out.extend(
+            reader
+                .read(1000)
+                .unwrap()
+                .records
+                .into_iter()
+                .map(|r| r.message),
+        );
     }
     out
 }
@@ -176,7 +183,10 @@ async fn a_waiting_reader_wakes_on_append() {
         writer.append(&[message(7)]).unwrap();
     });
     assert!(reader.wait(std::future::pending()).await);
-    assert_eq!(reader.read(100).unwrap().records, vec![message(7)]);
+    let records = reader.read(100).unwrap().records;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].message, message(7));
+    assert_eq!(records[0].lsn, 0);
     append.await.unwrap();
     assert!(!reader.wait(std::future::ready(())).await);
 }

@@ -1,0 +1,395 @@
+//! Redis: the latest ten readings of each sensor, and of all sensors, for hot reads.
+//!
+//! Each set is a sorted set scored by the reading's device timestamp and trimmed to ten, so late
+//! and out-of-order readings land where their time says and an old one never displaces the
+//! newest ten. Members are the readings' public JSON (`Reading::to_json`), so a read is one
+//! `ZRANGE` joined into an array, with no parsing. Redis keys and commands stay in this module.
+//!
+//! Redis is a cache of MongoDB here, never the record: `Health` tracks which sets may be stale
+//! (Redis down, restarted, or flushed) so readers can go to MongoDB instead, and the ingest
+//! repair task rebuilds them. This module must not read MongoDB itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use fred::prelude::{
+    Builder, Client, ClientLike, Config, KeysInterface, ReconnectPolicy, SortedSetsInterface,
+};
+use fred::types::InfoKind;
+
+use crate::domain::{Reading, SensorId};
+
+/// How many readings each latest set keeps.
+pub const LATEST: usize = 10;
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub url: String,
+    /// Prepended to every key, so several deployments (or tests) can share one Redis.
+    pub prefix: String,
+    /// A command not answered within this time fails (and the caller falls back).
+    pub command_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("invalid REDIS_URL: {0}")]
+    Config(String),
+    #[error("Redis is unreachable: {0}")]
+    Unavailable(String),
+}
+
+impl From<fred::error::Error> for CacheError {
+    fn from(e: fred::error::Error) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Clone)]
+pub struct Cache {
+    client: Client,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a consistency check of Redis found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Redis's run id; it changes whenever Redis restarts.
+    pub run_id: String,
+    /// Whether our marker key survived (it does not survive a flush).
+    pub marked: bool,
+}
+
+impl Cache {
+    /// Connects, failing fast when Redis is down; afterwards reconnects forever with backoff.
+    pub async fn connect(config: &CacheConfig) -> Result<Self, CacheError> {
+        let redis = Config::from_url(&config.url).map_err(|e| CacheError::Config(e.to_string()))?;
+        let timeout = config.command_timeout;
+        let client = Builder::from_config(redis)
+            .with_connection_config(|c| {
+                c.connection_timeout = timeout;
+                c.internal_command_timeout = timeout;
+                // Bounded: when Redis stalls, commands fail instead of piling up in memory.
+                c.max_command_buffer_len = 100_000;
+            })
+            .with_performance_config(|p| p.default_command_timeout = timeout)
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .build()
+            .map_err(|e| CacheError::Config(e.to_string()))?;
+        // The connection task ends with the client; its result is the client's state.
+        let _connection = client.init().await?;
+        Ok(Self {
+            client,
+            prefix: config.prefix.clone(),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.is_connected()
+    }
+
+    fn sensor_key(&self, id: &SensorId) -> String {
+        format!("{}latest:{}", self.prefix, id.as_str())
+    }
+
+    fn overall_key(&self) -> String {
+        format!("{}latest", self.prefix)
+    }
+
+    fn marker_key(&self) -> String {
+        format!("{}intact", self.prefix)
+    }
+
+    /// Adds `readings` to their sensors' sets and to the overall set, keeping ten in each, in
+    /// one round trip. Adding a reading that is already there changes nothing.
+    pub async fn apply(&self, readings: &[Reading]) -> Result<(), CacheError> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        let mut by_sensor: HashMap<&SensorId, Vec<&Reading>> = HashMap::new();
+        for r in readings {
+            by_sensor.entry(r.sensor_id()).or_default().push(r);
+        }
+        let pipeline = self.client.pipeline();
+        for (id, mut rs) in by_sensor {
+            // Only the newest ten of a batch can survive the trim.
+            rs.sort_by_key(|r| std::cmp::Reverse(r.timestamp()));
+            rs.truncate(LATEST);
+            let key = self.sensor_key(id);
+            let () = pipeline
+                .zadd(&key, None, None, false, false, members(&rs))
+                .await?;
+            let () = pipeline
+                .zremrangebyrank(&key, 0, -(LATEST as i64) - 1)
+                .await?;
+        }
+        let mut newest: Vec<&Reading> = readings.iter().collect();
+        newest.sort_by_key(|r| std::cmp::Reverse(r.timestamp()));
+        newest.truncate(LATEST);
+        let key = self.overall_key();
+        let () = pipeline
+            .zadd(&key, None, None, false, false, members(&newest))
+            .await?;
+        let () = pipeline
+            .zremrangebyrank(&key, 0, -(LATEST as i64) - 1)
+            .await?;
+        let _: Vec<fred::types::Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    /// Merges readings taken from MongoDB into one set (a sensor's, or the overall one).
+    /// Readings are only ever added, so a concurrent live update is never undone.
+    pub async fn rebuild(
+        &self,
+        sensor: Option<&SensorId>,
+        readings: &[Reading],
+    ) -> Result<(), CacheError> {
+        if readings.is_empty() {
+            return Ok(());
+        }
+        let key = sensor.map_or_else(|| self.overall_key(), |id| self.sensor_key(id));
+        let refs: Vec<&Reading> = readings.iter().collect();
+        let pipeline = self.client.pipeline();
+        let () = pipeline
+            .zadd(&key, None, None, false, false, members(&refs))
+            .await?;
+        let () = pipeline
+            .zremrangebyrank(&key, 0, -(LATEST as i64) - 1)
+            .await?;
+        let _: Vec<fred::types::Value> = pipeline.all().await?;
+        Ok(())
+    }
+
+    /// The latest ten as JSON texts, newest first. Empty when the set does not exist.
+    pub async fn latest(&self, sensor: Option<&SensorId>) -> Result<Vec<String>, CacheError> {
+        let key = sensor.map_or_else(|| self.overall_key(), |id| self.sensor_key(id));
+        let members: Vec<String> = self
+            .client
+            .zrange(&key, 0i64, LATEST as i64 - 1, None, true, None, false)
+            .await?;
+        Ok(members)
+    }
+
+    /// Reads Redis's run id and whether our marker is still there.
+    pub async fn probe(&self) -> Result<Probe, CacheError> {
+        let info: String = self.client.info(Some(InfoKind::Server)).await?;
+        let run_id = info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        let marked: i64 = self.client.exists(self.marker_key()).await?;
+        Ok(Probe {
+            run_id,
+            marked: marked > 0,
+        })
+    }
+
+    /// Sets the marker whose absence later reveals a flush.
+    pub async fn mark(&self) -> Result<(), CacheError> {
+        let () = self
+            .client
+            .set(self.marker_key(), "1", None, None, false)
+            .await?;
+        Ok(())
+    }
+}
+
+fn members(readings: &[&Reading]) -> Vec<(f64, String)> {
+    readings
+        .iter()
+        .map(|r| (r.timestamp().as_millis() as f64, r.to_json()))
+        .collect()
+}
+
+/// Which latest sets may be stale, shared by the ingest stages that find out and the readers
+/// that must then go to MongoDB.
+///
+/// Each mark carries a generation, so a rebuild that read MongoDB before a newer failure
+/// cannot clear the newer mark.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Redis answered the last command or probe.
+    up: AtomicBool,
+    generation: AtomicU64,
+    /// Sensors whose set missed an update, with the generation of their latest mark.
+    dirty: Mutex<BTreeMap<SensorId, u64>>,
+    /// The overall set missed an update (generation, 0 when clean).
+    overall_dirty: AtomicU64,
+    /// Redis lost data wholesale (restart, flush): every set is suspect (generation, 0 when clean).
+    all_dirty: AtomicU64,
+}
+
+impl Health {
+    /// Starts pessimistic: nothing is served from Redis until a probe says it is intact.
+    pub fn new() -> Self {
+        let health = Self::default();
+        health.mark_all_dirty();
+        health
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    fn dirty(&self) -> MutexGuard<'_, BTreeMap<SensorId, u64>> {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, Ordering::Release);
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    /// Records that these readings did not reach their sets.
+    pub fn mark_dirty<'a>(&self, readings: impl IntoIterator<Item = &'a Reading>) {
+        let generation = self.next_generation();
+        let mut dirty = self.dirty();
+        for r in readings {
+            dirty.insert(r.sensor_id().clone(), generation);
+        }
+        drop(dirty);
+        self.overall_dirty.store(generation, Ordering::Release);
+    }
+
+    pub fn mark_all_dirty(&self) {
+        let generation = self.next_generation();
+        self.all_dirty.store(generation, Ordering::Release);
+        self.overall_dirty.store(generation, Ordering::Release);
+    }
+
+    /// Whether the set of `sensor` (or the overall set) can be served from Redis now.
+    pub fn serves(&self, sensor: Option<&SensorId>) -> bool {
+        if !self.is_up() || self.all_dirty.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        match sensor {
+            Some(id) => !self.dirty().contains_key(id),
+            None => self.overall_dirty.load(Ordering::Acquire) == 0,
+        }
+    }
+
+    pub fn dirty_count(&self) -> usize {
+        self.dirty().len()
+    }
+
+    /// A snapshot of the repair work: (all-dirty generation, overall generation, up to `max`
+    /// dirty sensors with their generations).
+    pub fn pending(&self, max: usize) -> (u64, u64, Vec<(SensorId, u64)>) {
+        let sensors = self
+            .dirty()
+            .iter()
+            .take(max)
+            .map(|(id, g)| (id.clone(), *g))
+            .collect();
+        (
+            self.all_dirty.load(Ordering::Acquire),
+            self.overall_dirty.load(Ordering::Acquire),
+            sensors,
+        )
+    }
+
+    /// The current generation: a rebuild started now covers every mark up to it.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Clears a sensor's mark if no newer mark came in since `generation`.
+    pub fn clear_sensor(&self, id: &SensorId, generation: u64) {
+        let mut dirty = self.dirty();
+        if dirty.get(id).is_some_and(|g| *g <= generation) {
+            dirty.remove(id);
+        }
+    }
+
+    pub fn clear_overall(&self, generation: u64) {
+        let _ = self
+            .overall_dirty
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
+                (g <= generation).then_some(0)
+            });
+    }
+
+    /// Clears the wholesale mark, and every sensor mark older than `generation` with it.
+    pub fn clear_all(&self, generation: u64) {
+        let cleared = self
+            .all_dirty
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| {
+                (g <= generation).then_some(0)
+            })
+            .is_ok();
+        if cleared {
+            self.dirty().retain(|_, g| *g > generation);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Kind, Timestamp};
+
+    fn reading(id: &str) -> Reading {
+        Reading::new(
+            SensorId::parse(id).unwrap(),
+            Kind::parse("t").unwrap(),
+            1.0,
+            Timestamp::from_millis(0).unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn starts_unserved_until_a_full_rebuild() {
+        let h = Health::new();
+        h.set_up(true);
+        assert!(!h.serves(None));
+        let g = h.generation();
+        h.clear_all(g);
+        h.clear_overall(g);
+        assert!(h.serves(None));
+        assert!(h.serves(Some(&SensorId::parse("a").unwrap())));
+    }
+
+    #[test]
+    fn a_newer_mark_survives_an_older_rebuild() {
+        let h = Health::new();
+        h.set_up(true);
+        h.clear_all(h.generation());
+        let a = reading("a");
+        h.mark_dirty([&a]);
+        let rebuild_started = h.generation();
+        h.mark_dirty([&a]);
+        h.clear_sensor(a.sensor_id(), rebuild_started);
+        assert!(!h.serves(Some(a.sensor_id())));
+        h.clear_sensor(a.sensor_id(), h.generation());
+        assert!(h.serves(Some(a.sensor_id())));
+        assert!(h.serves(Some(reading("b").sensor_id())));
+    }
+
+    #[test]
+    fn down_serves_nothing() {
+        let h = Health::new();
+        h.clear_all(h.generation());
+        h.clear_overall(h.generation());
+        assert!(!h.serves(None));
+        h.set_up(true);
+        assert!(h.serves(None));
+    }
+}

@@ -1,0 +1,339 @@
+//! Settings of `sensorhub serve`: typed, layered and validated before anything starts.
+//!
+//! Layers, later ones winning: built-in defaults; a TOML file (`--config`, or `sensorhub.toml`
+//! in the working directory when present); environment variables; command-line flags. Every
+//! field a deployment changes has a flag and a variable, so no file needs editing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{Limits, Timestamp};
+use crate::journal::FsyncPolicy;
+
+/// Every setting of `serve`, with its default.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// rumqttd's configuration file; the built-in one is used when it does not exist.
+    pub broker_config: PathBuf,
+    /// The MQTT 3.1.1 listener, overriding the broker configuration.
+    pub mqtt_listen: Option<SocketAddr>,
+    /// The MQTT 5 listener, overriding the broker configuration.
+    pub mqtt5_listen: Option<SocketAddr>,
+    /// The HTTP API.
+    pub http_listen: SocketAddr,
+    /// MongoDB connection string.
+    pub mongodb_uri: String,
+    /// Database of readings and dead letters.
+    pub mongodb_database: String,
+    /// Collection of readings.
+    pub mongodb_collection: String,
+    /// Collection of dead letters.
+    pub dead_letter_collection: String,
+    /// Days a dead letter is kept.
+    pub dead_letter_ttl_days: u64,
+    /// Redis connection string (`redis://`, or `redis-cluster://` for a cluster).
+    pub redis_url: String,
+    /// Prefix of every Redis key this instance writes.
+    pub redis_prefix: String,
+    /// Directory of the local log.
+    pub journal_dir: PathBuf,
+    /// Bytes received and not yet stored beyond which new readings are refused.
+    pub journal_max_bytes: u64,
+    /// Size of one local log segment file.
+    pub journal_segment_bytes: u64,
+    /// When the local log is forced to disk: "never", "periodic" or "always".
+    pub journal_fsync: String,
+    /// Interval of periodic syncs, in milliseconds.
+    pub journal_fsync_interval_ms: u64,
+    /// Largest accepted payload, in bytes.
+    pub max_payload_bytes: usize,
+    /// Longest accepted topic, in bytes.
+    pub max_topic_bytes: usize,
+    /// Readings timestamped before this instant are rejected.
+    pub earliest_timestamp: String,
+    /// Readings timestamped more than this many seconds after their arrival are rejected.
+    pub max_future_skew_secs: u64,
+    /// Seconds SIGTERM/SIGINT may take to store what is in hand before the process exits.
+    pub shutdown_grace_secs: u64,
+    /// Also run the simulator inside the process, publishing to the embedded broker.
+    pub simulate: bool,
+    /// Simulated sensors of each kind (with `simulate`).
+    pub simulate_sensors: usize,
+    /// Milliseconds between two readings of one simulated sensor.
+    pub simulate_interval_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            broker_config: "rumqttd.toml".into(),
+            mqtt_listen: None,
+            mqtt5_listen: None,
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            mongodb_uri: "mongodb://127.0.0.1:27017".into(),
+            mongodb_database: "sensor_data".into(),
+            mongodb_collection: "sensor_readings".into(),
+            dead_letter_collection: "dead_letters".into(),
+            dead_letter_ttl_days: 7,
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_prefix: "sensorhub:".into(),
+            journal_dir: "data/journal".into(),
+            journal_max_bytes: 2 << 30,
+            journal_segment_bytes: 32 << 20,
+            journal_fsync: "periodic".into(),
+            journal_fsync_interval_ms: 5,
+            max_payload_bytes: limits.max_payload_bytes,
+            max_topic_bytes: limits.max_topic_bytes,
+            earliest_timestamp: limits.earliest.to_string(),
+            max_future_skew_secs: u64::try_from(limits.max_future_skew_ms / 1000).unwrap_or(86_400),
+            shutdown_grace_secs: 10,
+            simulate: false,
+            simulate_sensors: 5,
+            simulate_interval_ms: 1000,
+        }
+    }
+}
+
+/// Flags and environment variables of `serve`; each overrides the same setting of the file.
+#[derive(Args, Clone, Debug, Default, Serialize)]
+pub struct ServeArgs {
+    /// TOML file of settings (field names as in `Settings`). Default: ./sensorhub.toml if present.
+    #[arg(long, env = "SENSORHUB_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// rumqttd configuration file [default: rumqttd.toml, else built-in]
+    #[arg(long, env = "SENSORHUB_BROKER_CONFIG")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_config: Option<PathBuf>,
+    /// Address of the MQTT 3.1.1 listener [default: 0.0.0.0:1883]
+    #[arg(long, env = "SENSORHUB_MQTT_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// Address of the MQTT 5 listener [default: 0.0.0.0:1884]
+    #[arg(long, env = "SENSORHUB_MQTT5_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt5_listen: Option<SocketAddr>,
+    /// Address of the HTTP API [default: 0.0.0.0:8000]
+    #[arg(long, env = "SENSORHUB_HTTP_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<SocketAddr>,
+    /// MongoDB connection string [default: mongodb://127.0.0.1:27017]
+    #[arg(long, env = "MONGODB_URI")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mongodb_uri: Option<String>,
+    /// MongoDB database [default: sensor_data]
+    #[arg(long, env = "MONGODB_DATABASE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mongodb_database: Option<String>,
+    /// MongoDB collection of readings [default: sensor_readings]
+    #[arg(long, env = "MONGODB_COLLECTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mongodb_collection: Option<String>,
+    /// MongoDB collection of dead letters [default: dead_letters]
+    #[arg(long, env = "SENSORHUB_DEAD_LETTER_COLLECTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_collection: Option<String>,
+    /// Days a dead letter is kept [default: 7]
+    #[arg(long, env = "SENSORHUB_DEAD_LETTER_TTL_DAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter_ttl_days: Option<u64>,
+    /// Redis connection string [default: redis://127.0.0.1:6379]
+    #[arg(long, env = "REDIS_URL")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// Prefix of this instance's Redis keys [default: sensorhub:]
+    #[arg(long, env = "SENSORHUB_REDIS_PREFIX")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_prefix: Option<String>,
+    /// Directory of the local log [default: data/journal]
+    #[arg(long, env = "SENSORHUB_JOURNAL_DIR")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_dir: Option<PathBuf>,
+    /// Unstored bytes beyond which readings are refused [default: 2 GiB]
+    #[arg(long, env = "SENSORHUB_JOURNAL_MAX_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_max_bytes: Option<u64>,
+    /// Size of a local log segment [default: 32 MiB]
+    #[arg(long, env = "SENSORHUB_JOURNAL_SEGMENT_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_segment_bytes: Option<u64>,
+    /// never | periodic | always [default: periodic]
+    #[arg(long, env = "SENSORHUB_JOURNAL_FSYNC")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_fsync: Option<String>,
+    /// Milliseconds between periodic syncs [default: 5]
+    #[arg(long, env = "SENSORHUB_JOURNAL_FSYNC_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_fsync_interval_ms: Option<u64>,
+    /// Largest accepted payload in bytes [default: 16384]
+    #[arg(long, env = "SENSORHUB_MAX_PAYLOAD_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_payload_bytes: Option<usize>,
+    /// Longest accepted topic in bytes [default: 256]
+    #[arg(long, env = "SENSORHUB_MAX_TOPIC_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_topic_bytes: Option<usize>,
+    /// Earliest accepted reading timestamp [default: 2000-01-01T00:00:00Z]
+    #[arg(long, env = "SENSORHUB_EARLIEST_TIMESTAMP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub earliest_timestamp: Option<String>,
+    /// Seconds a reading's timestamp may lie ahead of its arrival [default: 86400]
+    #[arg(long, env = "SENSORHUB_MAX_FUTURE_SKEW_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_future_skew_secs: Option<u64>,
+    /// Seconds allowed to store what is in hand on SIGTERM/SIGINT [default: 10]
+    #[arg(long, env = "SENSORHUB_SHUTDOWN_GRACE_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Also run the simulator inside the process
+    #[arg(long, env = "SENSORHUB_SIMULATE")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub simulate: bool,
+    /// Simulated sensors of each kind [default: 5]
+    #[arg(long, env = "SENSORHUB_SIMULATE_SENSORS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulate_sensors: Option<usize>,
+    /// Milliseconds between readings of a simulated sensor [default: 1000]
+    #[arg(long, env = "SENSORHUB_SIMULATE_INTERVAL_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simulate_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Defaults, then the file, then `args` (flags and environment).
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match &args.config {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::Invalid(format!(
+                    "the settings file {} does not exist",
+                    path.display()
+                )));
+            }
+            Some(path) => figment = figment.merge(Toml::file(path)),
+            None => figment = figment.merge(Toml::file("sensorhub.toml")),
+        }
+        let settings: Settings = figment
+            .merge(Serialized::defaults(args))
+            .extract()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError::Invalid(m));
+        self.fsync_policy()?;
+        self.limits()?;
+        if self.journal_segment_bytes < 64 * 1024 {
+            return fail("journal_segment_bytes must be at least 65536".into());
+        }
+        if self.journal_max_bytes < self.journal_segment_bytes {
+            return fail("journal_max_bytes must be at least journal_segment_bytes".into());
+        }
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > 1 << 20 {
+            return fail("max_payload_bytes must be between 1 and 1048576".into());
+        }
+        if self.dead_letter_ttl_days == 0 {
+            return fail("dead_letter_ttl_days must be at least 1".into());
+        }
+        if self.simulate && (self.simulate_sensors == 0 || self.simulate_interval_ms == 0) {
+            return fail("simulate_sensors and simulate_interval_ms must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn fsync_policy(&self) -> Result<FsyncPolicy, ConfigError> {
+        match self.journal_fsync.as_str() {
+            "never" => Ok(FsyncPolicy::Never),
+            "always" => Ok(FsyncPolicy::Always),
+            "periodic" if self.journal_fsync_interval_ms > 0 => Ok(FsyncPolicy::Periodic(
+                Duration::from_millis(self.journal_fsync_interval_ms),
+            )),
+            "periodic" => Err(ConfigError::Invalid(
+                "journal_fsync_interval_ms must be positive".into(),
+            )),
+            other => Err(ConfigError::Invalid(format!(
+                "journal_fsync '{other}' is not one of never, periodic, always"
+            ))),
+        }
+    }
+
+    pub fn limits(&self) -> Result<Limits, ConfigError> {
+        let earliest = Timestamp::parse(&self.earliest_timestamp)
+            .map_err(|e| ConfigError::Invalid(format!("earliest_timestamp: {e}")))?;
+        Ok(Limits {
+            max_payload_bytes: self.max_payload_bytes,
+            max_topic_bytes: self.max_topic_bytes,
+            earliest,
+            max_future_skew_ms: i64::try_from(self.max_future_skew_secs.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_match_the_contract() {
+        let s = Settings::load(&ServeArgs {
+            config: Some("/nonexistent/sensorhub.toml".into()),
+            ..ServeArgs::default()
+        });
+        assert!(s.is_err(), "an explicit missing file is an error");
+        let s = Settings::default();
+        s.validate().unwrap();
+        assert_eq!(s.mongodb_database, "sensor_data");
+        assert_eq!(s.mongodb_collection, "sensor_readings");
+        assert_eq!(s.http_listen.port(), 8000);
+        assert_eq!(s.limits().unwrap(), Limits::default());
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s.toml");
+        std::fs::write(
+            &file,
+            "mongodb_database = \"from_file\"\nredis_prefix = \"file:\"\n",
+        )
+        .unwrap();
+        let s = Settings::load(&ServeArgs {
+            config: Some(file),
+            redis_prefix: Some("flag:".into()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.mongodb_database, "from_file");
+        assert_eq!(s.redis_prefix, "flag:");
+        assert_eq!(s.mongodb_collection, "sensor_readings");
+    }
+
+    #[test]
+    fn rejects_nonsense() {
+        let bad = |f: fn(&mut Settings)| {
+            let mut s = Settings::default();
+            f(&mut s);
+            s.validate().unwrap_err().to_string()
+        };
+        assert!(bad(|s| s.journal_fsync = "sometimes".into()).contains("journal_fsync"));
+        assert!(bad(|s| s.earliest_timestamp = "then".into()).contains("earliest_timestamp"));
+        assert!(bad(|s| s.journal_max_bytes = 1).contains("journal_max_bytes"));
+    }
+}

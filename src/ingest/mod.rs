@@ -1,0 +1,357 @@
+//! The writer side of the pipeline: from the local log into MongoDB and Redis.
+//!
+//! Three tasks:
+//! - `writer`: reads the log in order, judges each message (`domain::decode`), stores readings
+//!   and dead letters in MongoDB (retrying until it succeeds: the log holds them meanwhile), and
+//!   marks the log position stored;
+//! - `cache_updater`: adds newly stored readings to the Redis latest sets. It is fed through a
+//!   bounded queue the writer never waits on: when the queue is full or Redis is down, the sets
+//!   are marked stale instead;
+//! - `repair`: probes Redis, and rebuilds from MongoDB every set marked stale, or all of them
+//!   after Redis restarted or was flushed.
+//!
+//! Ingest is where the adapters meet; it must not touch the broker or serve HTTP.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache::{Cache, Health, LATEST};
+use crate::domain::{DeadLetter, Limits, Reading, decode};
+use crate::journal::{Journal, JournalReader};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// How much of the log one write takes at most.
+const BATCH_BYTES: usize = 1 << 20;
+/// Redis updates queued before the writer marks sets stale instead.
+const CACHE_QUEUE: usize = 64;
+
+/// When the writer stops.
+#[derive(Clone, Debug)]
+pub struct WriterStop {
+    /// Intake has stopped: store what the log holds, then return.
+    pub drain: CancellationToken,
+    /// The grace period is over: return now, leaving the rest to the next start's replay.
+    pub abort: CancellationToken,
+}
+
+/// Everything the writer needs.
+#[derive(Debug)]
+pub struct Writer {
+    pub journal: Journal,
+    pub reader: JournalReader,
+    pub store: Store,
+    pub limits: Limits,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub cache_tx: mpsc::Sender<Vec<Reading>>,
+}
+
+/// A queue to the cache updater; the writer never waits on it.
+pub fn cache_queue() -> (mpsc::Sender<Vec<Reading>>, mpsc::Receiver<Vec<Reading>>) {
+    mpsc::channel(CACHE_QUEUE)
+}
+
+impl Writer {
+    /// Runs until stopped. The log's contents at start (past the checkpoint) are a replay: a
+    /// crash may have stored them without updating Redis, so their sensors are rebuilt.
+    pub async fn run(mut self, stop: WriterStop) {
+        let replay_end = self.journal.end();
+        if replay_end > self.reader.position() {
+            tracing::info!(
+                bytes = replay_end - self.reader.position(),
+                "replaying the local log past its checkpoint"
+            );
+        }
+        loop {
+            if self.reader.position() >= self.journal.end() {
+                // The app closes the log before it asks for a drain, so this end is final.
+                if stop.drain.is_cancelled() && self.journal.is_closed() {
+                    return;
+                }
+                let (drain, abort) = (stop.drain.clone(), stop.abort.clone());
+                let woke = self
+                    .reader
+                    .wait(async move {
+                        tokio::select! {
+                            () = drain.cancelled() => {}
+                            () = abort.cancelled() => {}
+                        }
+                    })
+                    .await;
+                if stop.abort.is_cancelled() {
+                    return;
+                }
+                if !woke && !self.journal.is_closed() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                continue;
+            }
+            if stop.abort.is_cancelled() {
+                return;
+            }
+            let batch = match tokio::task::block_in_place(|| self.reader.read(BATCH_BYTES)) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the local log; retrying");
+                    if sleep_or_abort(Duration::from_secs(1), &stop.abort).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            self.metrics
+                .journal_corrupt_bytes
+                .store(self.reader.corrupt_bytes(), Ordering::Relaxed);
+            let replayed = batch.records.first().is_some_and(|r| r.lsn < replay_end);
+            let mut readings = Vec::with_capacity(batch.records.len());
+            let mut dead = Vec::new();
+            for record in &batch.records {
+                match decode(&record.message, &self.limits) {
+                    Ok(reading) => readings.push(reading),
+                    Err(rejection) => {
+                        let id = format!("{}:{}", self.journal.log_id(), record.lsn);
+                        dead.push(DeadLetter::new(id, &record.message, rejection));
+                    }
+                }
+            }
+            let Some(inserted) = self.store_readings(&readings, &stop.abort).await else {
+                return;
+            };
+            if !self.store_dead_letters(&dead, &stop.abort).await {
+                return;
+            }
+            let duplicates: HashSet<usize> = inserted.into_iter().collect();
+            self.metrics.stored.fetch_add(
+                (readings.len() - duplicates.len()) as u64,
+                Ordering::Relaxed,
+            );
+            self.metrics
+                .duplicates
+                .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
+            for letter in &dead {
+                self.metrics.dead_letter(letter.reason);
+                tracing::warn!(
+                    reason = letter.reason.code(),
+                    topic = %letter.topic,
+                    detail = %letter.message,
+                    "dead letter"
+                );
+            }
+            if replayed {
+                self.health.mark_dirty(&readings);
+            } else {
+                // Only readings this batch stored go to Redis: a duplicate with another value
+                // must not show where MongoDB kept the first.
+                let new: Vec<Reading> = readings
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
+                    .collect();
+                if !new.is_empty()
+                    && let Err(
+                        mpsc::error::TrySendError::Full(lost)
+                        | mpsc::error::TrySendError::Closed(lost),
+                    ) = self.cache_tx.try_send(new)
+                {
+                    self.health.mark_dirty(&lost);
+                }
+            }
+            self.journal.mark_stored(batch.end);
+        }
+    }
+
+    /// Stores readings, retrying until MongoDB takes them. `None` when aborted first.
+    async fn store_readings(
+        &self,
+        readings: &[Reading],
+        abort: &CancellationToken,
+    ) -> Option<Vec<usize>> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.store.insert_readings(readings).await {
+                Ok(inserted) => return Some(inserted.duplicates),
+                Err(e) => {
+                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    backoff.log(&e, self.journal.pending_bytes());
+                    if sleep_or_abort(backoff.next(), abort).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn store_dead_letters(&self, letters: &[DeadLetter], abort: &CancellationToken) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.store.insert_dead_letters(letters).await {
+                Ok(()) => return true,
+                Err(e) => {
+                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    backoff.log(&e, self.journal.pending_bytes());
+                    if sleep_or_abort(backoff.next(), abort).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff from 50 ms to 2 s, logging the first failure and then every tenth.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        self.failures += 1;
+        Duration::from_millis(50u64.saturating_mul(1 << self.failures.min(6)).min(2_000))
+    }
+
+    fn log(&self, error: &dyn std::fmt::Display, pending_bytes: u64) {
+        if self.failures.is_multiple_of(10) {
+            tracing::error!(
+                %error,
+                attempt = self.failures + 1,
+                pending_bytes,
+                "MongoDB write failed; readings stay in the local log and are retried"
+            );
+        }
+    }
+}
+
+/// Sleeps; true when `abort` fired first.
+async fn sleep_or_abort(duration: Duration, abort: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(duration) => false,
+        () = abort.cancelled() => true,
+    }
+}
+
+/// Applies stored readings to Redis until the queue closes.
+pub async fn cache_updater(
+    mut rx: mpsc::Receiver<Vec<Reading>>,
+    cache: Cache,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+) {
+    let mut pending: Vec<Reading> = Vec::new();
+    while let Some(batch) = rx.recv().await {
+        pending.extend(batch);
+        // Merge whatever else is queued into one round trip.
+        while let Ok(more) = rx.try_recv() {
+            pending.extend(more);
+        }
+        if !health.is_up() || !cache.is_connected() {
+            health.mark_dirty(&pending);
+        } else if let Err(e) = cache.apply(&pending).await {
+            metrics.cache_errors.fetch_add(1, Ordering::Relaxed);
+            health.set_up(false);
+            health.mark_dirty(&pending);
+            tracing::warn!(error = %e, "Redis update failed; latest sets will be rebuilt from MongoDB");
+        }
+        pending.clear();
+    }
+}
+
+/// Keeps Redis honest: every `every`, checks whether it restarted or was flushed, and rebuilds
+/// from MongoDB the sets marked stale. Runs until `stop`.
+pub async fn repair(
+    cache: Cache,
+    store: Store,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut known_run_id: Option<String> = None;
+    loop {
+        match cache.probe().await {
+            Ok(probe) => {
+                let restarted = known_run_id.as_ref().is_some_and(|id| *id != probe.run_id);
+                if restarted || !probe.marked {
+                    if known_run_id.is_some() {
+                        tracing::warn!(
+                            restarted,
+                            flushed = !probe.marked,
+                            "Redis lost its data; rebuilding every latest set from MongoDB"
+                        );
+                    }
+                    health.mark_all_dirty();
+                }
+                known_run_id = Some(probe.run_id);
+                health.set_up(true);
+                if let Err(e) = rebuild_stale(&cache, &store, &health, &metrics).await {
+                    tracing::warn!(error = %e, "rebuilding Redis latest sets failed; will retry");
+                }
+            }
+            Err(e) => {
+                if health.is_up() {
+                    tracing::warn!(error = %e, "Redis is down; latest-ten reads go to MongoDB");
+                }
+                health.set_up(false);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn rebuild_stale(
+    cache: &Cache,
+    store: &Store,
+    health: &Health,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let (all, overall, _) = health.pending(0);
+    if all != 0 {
+        let generation = health.generation();
+        let sensors = store.sensor_ids().await?;
+        for id in &sensors {
+            let latest = store.latest(Some(id), LATEST as u32).await?;
+            cache.rebuild(Some(id), &latest).await?;
+        }
+        metrics
+            .cache_rebuilds
+            .fetch_add(sensors.len() as u64, Ordering::Relaxed);
+        // Marked only now: a crash midway leaves the marker absent and the rebuild redone.
+        cache.mark().await?;
+        health.clear_all(generation);
+        tracing::info!(
+            sensors = sensors.len(),
+            "Redis latest sets rebuilt from MongoDB"
+        );
+    }
+    loop {
+        let generation = health.generation();
+        let (_, _, sensors) = health.pending(256);
+        if sensors.is_empty() {
+            break;
+        }
+        for (id, _) in &sensors {
+            let latest = store.latest(Some(id), LATEST as u32).await?;
+            cache.rebuild(Some(id), &latest).await?;
+            health.clear_sensor(id, generation);
+        }
+        metrics
+            .cache_rebuilds
+            .fetch_add(sensors.len() as u64, Ordering::Relaxed);
+    }
+    if overall != 0 || all != 0 {
+        let generation = health.generation();
+        let latest = store.latest(None, LATEST as u32).await?;
+        cache.rebuild(None, &latest).await?;
+        health.clear_overall(generation);
+    }
+    Ok(())
+}

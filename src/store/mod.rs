@@ -1,0 +1,408 @@
+//! MongoDB: the full history of readings and the dead letters.
+//!
+//! The only module that speaks BSON. Readings go in as batches (`insert_many`, unordered) under a
+//! deterministic `_id` (sensor id and millisecond), so a redelivery or a replay is a duplicate-key
+//! error, counted as success. Everything that comes out is a `domain` type; documents never
+//! leave this module. It must not decide anything about readings (that is `domain`) nor retry
+//! (that is the caller's policy).
+
+use std::time::Duration;
+
+use bson::{Bson, DateTime, doc, spec::BinarySubtype};
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use mongodb::error::{Error as MongoError, ErrorKind};
+use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::{Client, Collection, IndexModel};
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{DeadLetter, Kind, Reading, Reason, SensorId, Timestamp};
+
+/// Where the history lives.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub uri: String,
+    pub database: String,
+    pub collection: String,
+    pub dead_letter_collection: String,
+    /// Dead letters are deleted this long after they arrived.
+    pub dead_letter_ttl: Duration,
+    /// How long an operation waits for a reachable server before it fails.
+    pub server_selection_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("MongoDB is unreachable: {0}")]
+    Unavailable(String),
+    #[error("MongoDB refused the operation: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    fn from_mongo(e: &MongoError) -> Self {
+        match e.kind.as_ref() {
+            ErrorKind::Io(_)
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::DnsResolve { .. } => Self::Unavailable(e.to_string()),
+            _ => Self::Failed(e.to_string()),
+        }
+    }
+}
+
+impl From<MongoError> for StoreError {
+    fn from(e: MongoError) -> Self {
+        Self::from_mongo(&e)
+    }
+}
+
+const DUPLICATE_KEY: i32 = 11000;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ReadingDoc {
+    // First, and set by us: the driver then neither generates nor prepends one.
+    #[serde(rename = "_id")]
+    id: String,
+    sensor_id: String,
+    kind: String,
+    value: f64,
+    timestamp: DateTime,
+}
+
+impl ReadingDoc {
+    fn from_reading(r: &Reading) -> Self {
+        Self {
+            id: r.key(),
+            sensor_id: r.sensor_id().as_str().to_owned(),
+            kind: r.kind().as_str().to_owned(),
+            value: r.value(),
+            timestamp: DateTime::from_millis(r.timestamp().as_millis()),
+        }
+    }
+
+    /// `None` for a document that is not a valid reading (written by someone else).
+    fn into_reading(self) -> Option<Reading> {
+        Reading::new(
+            SensorId::parse(&self.sensor_id).ok()?,
+            Kind::parse(&self.kind).ok()?,
+            self.value,
+            Timestamp::from_millis(self.timestamp.timestamp_millis())?,
+        )
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct DeadLetterDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    received_at: DateTime,
+    topic: String,
+    payload: bson::Binary,
+    payload_bytes: i64,
+    reason: String,
+    message: String,
+}
+
+/// Where a page of a range query starts: after this reading in (timestamp, sensor id) order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangeCursor {
+    pub timestamp: Timestamp,
+    pub sensor_id: SensorId,
+}
+
+#[derive(Clone, Debug)]
+pub struct RangeQuery {
+    pub start: Timestamp,
+    pub end: Timestamp,
+    pub sensor_id: Option<SensorId>,
+    pub after: Option<RangeCursor>,
+    pub limit: u32,
+}
+
+/// Where a page of dead letters starts: after this one in newest-first order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterCursor {
+    pub received_at: Timestamp,
+    pub id: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct DeadLetterQuery {
+    pub reason: Option<Reason>,
+    pub before: Option<DeadLetterCursor>,
+    pub limit: u32,
+}
+
+/// The outcome of storing a batch: which readings were already there.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Inserted {
+    /// Positions in the batch of readings whose key was already stored.
+    pub duplicates: Vec<usize>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    client: Client,
+    readings: Collection<ReadingDoc>,
+    dead_letters: Collection<DeadLetterDoc>,
+    config: StoreConfig,
+}
+
+impl Store {
+    /// Connects and checks the server answers; fails fast when it does not.
+    pub async fn connect(config: StoreConfig) -> Result<Self, StoreError> {
+        let mut options = ClientOptions::parse(&config.uri)
+            .await
+            .map_err(|e| StoreError::Failed(format!("invalid MONGODB_URI: {e}")))?;
+        options
+            .app_name
+            .get_or_insert_with(|| "sensorhub".to_owned());
+        options.server_selection_timeout = Some(config.server_selection_timeout);
+        options
+            .connect_timeout
+            .get_or_insert(config.server_selection_timeout);
+        let client = Client::with_options(options)?;
+        let db = client.database(&config.database);
+        let store = Self {
+            readings: db.collection(&config.collection),
+            dead_letters: db.collection(&config.dead_letter_collection),
+            client,
+            config,
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client
+            .database("admin")
+            .run_command(doc! {"ping": 1})
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the indexes every query here relies on (idempotent).
+    pub async fn ensure_indexes(&self) -> Result<(), StoreError> {
+        let named = |keys, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().name(name.to_owned()).build())
+                .build()
+        };
+        self.readings
+            .create_indexes([
+                // Per-sensor ranges and latest: equality then time.
+                named(doc! {"sensor_id": 1, "timestamp": 1}, "sensor_id_timestamp"),
+                // Ranges over all sensors; sensor_id makes the order total, for paging.
+                named(doc! {"timestamp": 1, "sensor_id": 1}, "timestamp_sensor_id"),
+            ])
+            .await?;
+        let ttl = IndexModel::builder()
+            .keys(doc! {"received_at": 1})
+            .options(
+                IndexOptions::builder()
+                    .name("received_at_ttl".to_owned())
+                    .expire_after(self.config.dead_letter_ttl)
+                    .build(),
+            )
+            .build();
+        self.dead_letters
+            .create_indexes([
+                ttl,
+                named(doc! {"reason": 1, "received_at": 1}, "reason_received_at"),
+            ])
+            .await?;
+        Ok(())
+    }
+
+    /// Stores a batch. A reading whose key is already stored is reported, not an error.
+    pub async fn insert_readings(&self, readings: &[Reading]) -> Result<Inserted, StoreError> {
+        if readings.is_empty() {
+            return Ok(Inserted::default());
+        }
+        let docs: Vec<ReadingDoc> = readings.iter().map(ReadingDoc::from_reading).collect();
+        match self.readings.insert_many(&docs).ordered(false).await {
+            Ok(_) => Ok(Inserted::default()),
+            Err(e) => only_duplicates(&e)
+                .map(|duplicates| Inserted { duplicates })
+                .ok_or_else(|| StoreError::from_mongo(&e)),
+        }
+    }
+
+    /// Keeps dead letters; one already kept (a replay) is not an error.
+    pub async fn insert_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        if letters.is_empty() {
+            return Ok(());
+        }
+        let docs: Vec<DeadLetterDoc> = letters
+            .iter()
+            .map(|d| DeadLetterDoc {
+                id: d.id.clone(),
+                received_at: DateTime::from_millis(d.received_at.as_millis()),
+                topic: d.topic.clone(),
+                payload: bson::Binary {
+                    subtype: BinarySubtype::Generic,
+                    bytes: d.payload.to_vec(),
+                },
+                payload_bytes: i64::try_from(d.payload_len).unwrap_or(i64::MAX),
+                reason: d.reason.code().to_owned(),
+                message: d.message.clone(),
+            })
+            .collect();
+        match self.dead_letters.insert_many(&docs).ordered(false).await {
+            Ok(_) => Ok(()),
+            Err(e) if only_duplicates(&e).is_some() => Ok(()),
+            Err(e) => Err(StoreError::from_mongo(&e)),
+        }
+    }
+
+    /// Readings with `start <= timestamp <= end`, ascending by (timestamp, sensor id).
+    pub async fn range(&self, query: &RangeQuery) -> Result<Vec<Reading>, StoreError> {
+        let start = DateTime::from_millis(query.start.as_millis());
+        let end = DateTime::from_millis(query.end.as_millis());
+        let mut filter = doc! {"timestamp": {"$gte": start, "$lte": end}};
+        let sort = match &query.sensor_id {
+            Some(id) => {
+                filter.insert("sensor_id", id.as_str());
+                // One reading per sensor and millisecond: time alone orders them.
+                if let Some(after) = &query.after {
+                    let after = DateTime::from_millis(after.timestamp.as_millis());
+                    filter.insert("timestamp", doc! {"$gte": start, "$gt": after, "$lte": end});
+                }
+                doc! {"timestamp": 1}
+            }
+            None => {
+                if let Some(after) = &query.after {
+                    let at = DateTime::from_millis(after.timestamp.as_millis());
+                    filter = doc! {"$and": [filter, {"$or": [
+                        {"timestamp": {"$gt": at}},
+                        {"timestamp": at, "sensor_id": {"$gt": after.sensor_id.as_str()}},
+                    ]}]};
+                }
+                doc! {"timestamp": 1, "sensor_id": 1}
+            }
+        };
+        let cursor = self
+            .readings
+            .find(filter)
+            .sort(sort)
+            .limit(i64::from(query.limit))
+            .await?;
+        collect_readings(cursor).await
+    }
+
+    /// The `n` newest readings of one sensor, or of all sensors, newest first.
+    pub async fn latest(
+        &self,
+        sensor: Option<&SensorId>,
+        n: u32,
+    ) -> Result<Vec<Reading>, StoreError> {
+        let (filter, sort) = match sensor {
+            Some(id) => (doc! {"sensor_id": id.as_str()}, doc! {"timestamp": -1}),
+            None => (doc! {}, doc! {"timestamp": -1, "sensor_id": -1}),
+        };
+        let cursor = self
+            .readings
+            .find(filter)
+            .sort(sort)
+            .limit(i64::from(n))
+            .await?;
+        collect_readings(cursor).await
+    }
+
+    /// Every reading, ascending by time, as a stream read from a server cursor in batches: memory
+    /// stays flat however many there are.
+    pub async fn stream_all(
+        &self,
+    ) -> Result<impl Stream<Item = Result<Reading, StoreError>> + Send + 'static, StoreError> {
+        let cursor = self
+            .readings
+            .find(doc! {})
+            .sort(doc! {"timestamp": 1, "sensor_id": 1})
+            .batch_size(1000)
+            .await?;
+        Ok(cursor.filter_map(|doc| async move {
+            match doc {
+                Ok(doc) => doc.into_reading().map(Ok),
+                Err(e) => Some(Err(StoreError::from(e))),
+            }
+        }))
+    }
+
+    /// Every sensor id that has readings.
+    pub async fn sensor_ids(&self) -> Result<Vec<SensorId>, StoreError> {
+        let ids = self.readings.distinct("sensor_id", doc! {}).await?;
+        Ok(ids
+            .iter()
+            .filter_map(Bson::as_str)
+            .filter_map(|id| SensorId::parse(id).ok())
+            .collect())
+    }
+
+    /// Dead letters, newest first.
+    pub async fn dead_letters(
+        &self,
+        query: &DeadLetterQuery,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let mut filter = doc! {};
+        if let Some(reason) = query.reason {
+            filter.insert("reason", reason.code());
+        }
+        if let Some(before) = &query.before {
+            let at = DateTime::from_millis(before.received_at.as_millis());
+            filter = doc! {"$and": [filter, {"$or": [
+                {"received_at": {"$lt": at}},
+                {"received_at": at, "_id": {"$lt": before.id.as_str()}},
+            ]}]};
+        }
+        let docs: Vec<DeadLetterDoc> = self
+            .dead_letters
+            .find(filter)
+            .sort(doc! {"received_at": -1, "_id": -1})
+            .limit(i64::from(query.limit))
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                Some(DeadLetter {
+                    id: d.id,
+                    received_at: Timestamp::from_millis(d.received_at.timestamp_millis())?,
+                    topic: d.topic,
+                    payload: d.payload.bytes.into(),
+                    payload_len: usize::try_from(d.payload_bytes).unwrap_or(0),
+                    reason: Reason::from_code(&d.reason)?,
+                    message: d.message,
+                })
+            })
+            .collect())
+    }
+
+    pub async fn count_readings(&self) -> Result<u64, StoreError> {
+        Ok(self.readings.count_documents(doc! {}).await?)
+    }
+}
+
+async fn collect_readings(cursor: mongodb::Cursor<ReadingDoc>) -> Result<Vec<Reading>, StoreError> {
+    let docs: Vec<ReadingDoc> = cursor.try_collect().await?;
+    Ok(docs
+        .into_iter()
+        .filter_map(ReadingDoc::into_reading)
+        .collect())
+}
+
+/// The positions of the duplicates when an unordered insert failed only on duplicate keys.
+fn only_duplicates(e: &MongoError) -> Option<Vec<usize>> {
+    let ErrorKind::InsertMany(failure) = e.kind.as_ref() else {
+        return None;
+    };
+    if failure.write_concern_error.is_some() {
+        return None;
+    }
+    let errors = failure.write_errors.as_deref().unwrap_or_default();
+    errors
+        .iter()
+        .map(|w| (w.code == DUPLICATE_KEY).then_some(w.index))
+        .collect()
+}
