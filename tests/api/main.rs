@@ -1,6 +1,9 @@
 //! One integration binary: every test talks to real Redis, a real MongoDB wire server and the
 //! real sensorhub process over TCP. See `helpers.rs` for how each test is isolated.
 
+// A panic is how a test reports failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod helpers;
 
 mod all_data;
