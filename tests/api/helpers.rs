@@ -541,10 +541,10 @@ async fn poll(mut eventloop: EventLoop, state: Arc<Mutex<AckState>>) {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => state.lock().unwrap().connected = true,
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => {
                 let mut s = state.lock().unwrap();
-                if !s.inflight.contains_key(&pkid) {
-                    if let Some(id) = s.queued.pop_front() {
-                        s.inflight.insert(pkid, id);
-                    }
+                if !s.inflight.contains_key(&pkid)
+                    && let Some(id) = s.queued.pop_front()
+                {
+                    s.inflight.insert(pkid, id);
                 }
             }
             Ok(Event::Incoming(Incoming::PubAck(ack))) => {
