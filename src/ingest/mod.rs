@@ -28,6 +28,8 @@ use crate::store::Store;
 
 /// How much of the log one write takes at most.
 const BATCH_BYTES: usize = 1 << 20;
+/// Dead letters logged one by one per batch; the rest are counted in one line.
+const LOGGED_DEAD_LETTERS: usize = 5;
 /// Redis updates queued before the writer marks sets stale instead.
 const CACHE_QUEUE: usize = 64;
 
@@ -134,13 +136,22 @@ impl Writer {
             self.metrics
                 .duplicates
                 .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
-            for letter in &dead {
+            for (i, letter) in dead.iter().enumerate() {
                 self.metrics.dead_letter(letter.reason);
+                // A device gone haywire must not flood the log: a few per batch, then a count.
+                if i < LOGGED_DEAD_LETTERS {
+                    tracing::warn!(
+                        reason = letter.reason.code(),
+                        topic = %letter.topic,
+                        detail = %letter.message,
+                        "dead letter"
+                    );
+                }
+            }
+            if dead.len() > LOGGED_DEAD_LETTERS {
                 tracing::warn!(
-                    reason = letter.reason.code(),
-                    topic = %letter.topic,
-                    detail = %letter.message,
-                    "dead letter"
+                    more = dead.len() - LOGGED_DEAD_LETTERS,
+                    "more dead letters in this batch; see GET /deadletters"
                 );
             }
             if replayed {

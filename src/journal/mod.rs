@@ -204,7 +204,12 @@ impl Journal {
             tail.end
         };
         if self.shared.config.fsync == FsyncPolicy::Always {
-            self.shared.sync.changed.notify_all();
+            {
+                // Under the lock the syncer checks for work with, so the wake-up cannot fall
+                // between its check and its wait.
+                let _durable = lock(&self.shared.sync.durable);
+                self.shared.sync.changed.notify_all();
+            }
             self.wait_durable(end);
         }
         Ok(())
