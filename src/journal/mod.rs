@@ -411,7 +411,7 @@ impl JournalReader {
             let segment_end = next_base.unwrap_or(end).min(end);
             let file_pos = self.position - base + self.carry.len() as u64;
             let want = (segment_end - base).saturating_sub(file_pos);
-            let mut got = 0;
+            let (mut got, mut short) = (0, false);
             if want > 0 {
                 let want = want.min(max_bytes.max(64 * 1024) as u64) as usize;
                 let from = self.carry.len();
@@ -419,10 +419,16 @@ impl JournalReader {
                 open.file.seek(SeekFrom::Start(file_pos))?;
                 got = read_full(&mut open.file, &mut self.carry[from..])?;
                 self.carry.truncate(from + got);
+                // The file ends before the log says it does: it was cut on disk.
+                short = got < want;
             }
             let buf = self.carry.split().freeze();
+            // Readers stop at `end`, which only ever covers whole appends: a frame still
+            // incomplete once everything up to the segment's end (or the file's) is in hand can
+            // never complete. That is damage, like a bad checksum.
+            let exhausted = short || self.position + buf.len() as u64 >= segment_end;
             let mut used = 0;
-            loop {
+            while used < buf.len() {
                 match format::decode(&buf.slice(used..)) {
                     Frame::Record(message, len) => {
                         records.push(Record {
@@ -431,8 +437,8 @@ impl JournalReader {
                         });
                         used += len;
                     }
-                    Frame::Incomplete => break,
-                    Frame::Corrupt => {
+                    Frame::Incomplete if !exhausted => break,
+                    Frame::Incomplete | Frame::Corrupt => {
                         // The segment was damaged on disk. Nothing after the damage in it can
                         // be framed again: skip to the segment's end and count the loss.
                         let at = self.position + used as u64;

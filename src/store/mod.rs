@@ -157,6 +157,10 @@ impl Store {
         options
             .app_name
             .get_or_insert_with(|| "sensorhub".to_owned());
+        // The local log lets go of a reading once MongoDB acknowledged it, so that
+        // acknowledgement must mean "on disk": journaled, unless the URI says otherwise.
+        let concern = options.write_concern.get_or_insert_with(Default::default);
+        concern.journal.get_or_insert(true);
         options.server_selection_timeout = Some(config.server_selection_timeout);
         options
             .connect_timeout
