@@ -168,6 +168,23 @@ pub fn start_mongo() -> Server {
     Server::start(&program, args, port, dir)
 }
 
+/// Like `start_mongo`, with extra flags for the server (e.g. `--sync-on-commit`).
+pub fn start_mongo_with(extra: &[&str]) -> Server {
+    let port = free_port();
+    let dir = scratch_dir("mongo");
+    let program = mongo_program();
+    let mut args = vec![
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string(),
+        "--storage-path".into(),
+        dir.join("data").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    Server::start(&program, args, port, dir)
+}
+
 fn mongo_program() -> String {
     std::env::var("SENSORHUB_TEST_MONGOD").unwrap_or_else(|_| "secantusd-rs".into())
 }
@@ -327,6 +344,13 @@ impl TestApp {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process this harness started is still alive (it was not stopped by the test).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// SIGKILL: no chance to flush anything.
@@ -508,8 +532,16 @@ impl Publisher {
             .expect("publish queue closed");
     }
 
+    /// The ids acknowledged so far. Exact only while the connection never broke: rumqttc does
+    /// not say which publish a PUBACK after a reconnect belongs to, so this refuses to guess.
+    /// Tests that break connections use the numbered publisher in `faults.rs`.
     pub fn acked(&self) -> HashSet<usize> {
-        self.state.lock().unwrap().acked.clone()
+        let state = self.state.lock().unwrap();
+        assert_eq!(
+            state.errors, 0,
+            "the connection broke; acknowledgements are not exact"
+        );
+        state.acked.clone()
     }
 
     pub fn connection_errors(&self) -> u32 {

@@ -7,6 +7,8 @@
 mod helpers;
 
 mod all_data;
+mod corpus;
+mod faults;
 mod ingest;
 mod latest;
 mod malformed;
