@@ -93,6 +93,7 @@ impl Application {
             url: settings.redis_url.clone(),
             prefix: settings.redis_prefix.clone(),
             command_timeout: Duration::from_secs(1),
+            memo_ttl: Duration::from_millis(settings.read_cache_ms),
         })
         .await
         .with_context(|| {
@@ -176,20 +177,22 @@ impl Application {
         .await?;
 
         let http_stop = CancellationToken::new();
-        let state = ApiState {
+        let gauges = Arc::new({
+            let journal = journal.clone();
+            move || Gauges {
+                journal_pending_bytes: journal.pending_bytes(),
+                journal_segments: journal.segment_count() as u64,
+                ..Gauges::default()
+            }
+        });
+        let state = ApiState::new(
             store,
             cache,
             health,
             metrics,
-            gauges: Arc::new({
-                let journal = journal.clone();
-                move || Gauges {
-                    journal_pending_bytes: journal.pending_bytes(),
-                    journal_segments: journal.segment_count() as u64,
-                    ..Gauges::default()
-                }
-            }),
-        };
+            gauges,
+            Duration::from_millis(settings.read_cache_ms),
+        );
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let http = tokio::spawn(api::serve(
             http_listener,

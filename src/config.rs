@@ -62,6 +62,9 @@ pub struct Settings {
     pub max_future_skew_secs: u64,
     /// Seconds SIGTERM/SIGINT may take to store what is in hand before the process exits.
     pub shutdown_grace_secs: u64,
+    /// Milliseconds a latest-ten or range answer may be served again from memory. Writes
+    /// through this process retire it at once; this bounds writes by other instances. 0: never.
+    pub read_cache_ms: u64,
     /// Also run the simulator inside the process, publishing to the embedded broker.
     pub simulate: bool,
     /// Simulated sensors of each kind (with `simulate`).
@@ -84,7 +87,7 @@ impl Default for Settings {
             dead_letter_collection: "dead_letters".into(),
             dead_letter_ttl_days: 7,
             redis_url: "redis://127.0.0.1:6379".into(),
-            redis_prefix: "sensorhub:".into(),
+            redis_prefix: "sensorhub".into(),
             journal_dir: "data/journal".into(),
             journal_max_bytes: 2 << 30,
             journal_segment_bytes: 32 << 20,
@@ -95,6 +98,7 @@ impl Default for Settings {
             earliest_timestamp: limits.earliest.to_string(),
             max_future_skew_secs: u64::try_from(limits.max_future_skew_ms / 1000).unwrap_or(86_400),
             shutdown_grace_secs: 10,
+            read_cache_ms: 250,
             simulate: false,
             simulate_sensors: 5,
             simulate_interval_ms: 1000,
@@ -149,7 +153,7 @@ pub struct ServeArgs {
     #[arg(long, env = "REDIS_URL")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
-    /// Prefix of this instance's Redis keys [default: sensorhub:]
+    /// Prefix of this instance's Redis keys [default: sensorhub]
     #[arg(long, env = "SENSORHUB_REDIS_PREFIX")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_prefix: Option<String>,
@@ -193,6 +197,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_SHUTDOWN_GRACE_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_secs: Option<u64>,
+    /// Milliseconds an answer may be served again from memory (0: never) [default: 250]
+    #[arg(long, env = "SENSORHUB_READ_CACHE_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_cache_ms: Option<u64>,
     /// Also run the simulator inside the process
     #[arg(long, env = "SENSORHUB_SIMULATE")]
     #[serde(skip_serializing_if = "std::ops::Not::not")]

@@ -6,6 +6,7 @@
 //! domain; they never build queries or cache keys (store and cache do) and never touch the broker.
 
 mod error;
+mod memo;
 mod types;
 
 use std::future::Future;
@@ -15,13 +16,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use poem::listener::TcpAcceptor;
-use poem::{EndpointExt, Route, Server};
+use poem::{Route, Server};
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{Html, Json, PlainText};
 use poem_openapi::{OpenApi, OpenApiService};
 
 use crate::cache::{Cache, Health};
-use crate::domain::{Reading, Reason, SensorId, Timestamp};
+use crate::domain::{Reading, Reason, SensorId, Timestamp, json_array};
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{DeadLetterCursor, DeadLetterQuery, RangeCursor, RangeQuery, Store};
 pub use error::ApiError;
@@ -41,6 +42,30 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Gauges owned elsewhere (the local log), read when `/metrics` is scraped.
     pub gauges: Arc<dyn Fn() -> Gauges + Send + Sync>,
+    /// Range pages answered recently.
+    pub ranges: Arc<memo::RangeMemo>,
+}
+
+impl ApiState {
+    /// `read_cache` bounds how long a range page may be served again from memory (writes
+    /// through this process retire it at once). Zero: never.
+    pub fn new(
+        store: Store,
+        cache: Cache,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+        gauges: Arc<dyn Fn() -> Gauges + Send + Sync>,
+        read_cache: Duration,
+    ) -> Self {
+        Self {
+            store,
+            cache,
+            health,
+            metrics,
+            gauges,
+            ranges: Arc::new(memo::RangeMemo::new(read_cache)),
+        }
+    }
 }
 
 impl std::fmt::Debug for ApiState {
@@ -118,14 +143,10 @@ impl Api {
             }
         };
         match self.latest(Some(&id)).await {
-            Ok((readings, _)) if readings.is_empty() => {
-                ApiError::NotFound(format!("no readings for sensor '{id}'")).into()
+            Ok((None, _)) => ApiError::NotFound(format!("no readings for sensor '{id}'")).into(),
+            Ok((Some(body), source)) => {
+                Reply::Ok(RawJsonArray::from_bytes(body), None, Some(source.into()))
             }
-            Ok((readings, source)) => Reply::Ok(
-                RawJsonArray::from_elements(&readings),
-                None,
-                Some(source.into()),
-            ),
             Err(e) => e.into(),
         }
     }
@@ -137,8 +158,8 @@ impl Api {
     #[oai(path = "/latestten", method = "get")]
     async fn latest_overall(&self) -> Readings {
         match self.latest(None).await {
-            Ok((readings, source)) => Reply::Ok(
-                RawJsonArray::from_elements(&readings),
+            Ok((body, source)) => Reply::Ok(
+                RawJsonArray::from_bytes(body.unwrap_or_else(|| Bytes::from_static(b"[]"))),
                 None,
                 Some(source.into()),
             ),
@@ -219,16 +240,16 @@ impl Api {
 }
 
 impl Api {
-    /// The latest ten as JSON texts, and where they came from.
+    /// The latest ten as a JSON array (`None`: there are none), and where they came from.
     async fn latest(
         &self,
         sensor: Option<&SensorId>,
-    ) -> Result<(Vec<String>, &'static str), ApiError> {
+    ) -> Result<(Option<Bytes>, &'static str), ApiError> {
         if self.state.health.serves(sensor) {
             match self.state.cache.latest(sensor).await {
+                Ok(Some(body)) => return Ok((Some(body), "redis")),
                 // An empty set may only mean the cache has not caught up: ask MongoDB.
-                Ok(readings) if !readings.is_empty() => return Ok((readings, "redis")),
-                Ok(_) => {}
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "Redis read failed; answering from MongoDB");
                     self.state.health.set_up(false);
@@ -240,7 +261,9 @@ impl Api {
             .store
             .latest(sensor, crate::cache::LATEST as u32)
             .await?;
-        Ok((readings.iter().map(Reading::to_json).collect(), "mongodb"))
+        let json: Vec<String> = readings.iter().map(Reading::to_json).collect();
+        let body = (!json.is_empty()).then(|| Bytes::from(json_array(&json)));
+        Ok((body, "mongodb"))
     }
 
     async fn range_page(
@@ -270,6 +293,21 @@ impl Api {
             .transpose()?;
         let limit = page_limit(limit, DEFAULT_PAGE, MAX_PAGE)?;
         let after = cursor.as_deref().map(parse_range_cursor).transpose()?;
+        // The same request gets the same page: key on what was asked, as it was written.
+        let key = format!(
+            "{start_text}\u{0}{end_text}\u{0}{}\u{0}{limit}\u{0}{}",
+            sensor.as_ref().map_or("", SensorId::as_str),
+            cursor.as_deref().unwrap_or("")
+        );
+        let writes = self.state.store.writes();
+        if let Some(page) = self.state.ranges.get(&key, writes) {
+            return Ok(Reply::Ok(
+                RawJsonArray::from_bytes(page.body),
+                page.link,
+                None,
+            ));
+        }
+        let epoch = writes.epoch();
         let mut readings = self
             .state
             .store
@@ -297,7 +335,13 @@ impl Api {
             format!("<{url}>; rel=\"next\"")
         });
         let json: Vec<String> = readings.iter().map(Reading::to_json).collect();
-        Ok(Reply::Ok(RawJsonArray::from_elements(&json), link, None))
+        let body = Bytes::from(json_array(&json));
+        let page = memo::Page {
+            body: body.clone(),
+            link: link.clone(),
+        };
+        self.state.ranges.keep(key, start, end, epoch, page, writes);
+        Ok(Reply::Ok(RawJsonArray::from_bytes(body), link, None))
     }
 
     async fn dead_letter_page(
@@ -430,7 +474,6 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
         .nest("/docs", ui)
         .at("/openapi.json", spec)
         .nest("/", service)
-        .with(poem::middleware::Tracing)
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then lets requests in flight finish

@@ -99,20 +99,10 @@ pub struct RawJsonArray<T> {
 }
 
 impl<T> RawJsonArray<T> {
-    /// Joins JSON texts of elements into one array.
-    pub fn from_elements<S: AsRef<str>>(elements: &[S]) -> Self {
-        let len = elements.iter().map(|e| e.as_ref().len() + 1).sum::<usize>() + 2;
-        let mut out = Vec::with_capacity(len);
-        out.push(b'[');
-        for (i, e) in elements.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(e.as_ref().as_bytes());
-        }
-        out.push(b']');
+    /// A body that already is a JSON array.
+    pub fn from_bytes(bytes: Bytes) -> Self {
         Self {
-            bytes: out.into(),
+            bytes,
             _t: PhantomData,
         }
     }

@@ -166,10 +166,10 @@ impl EmbeddedBroker {
             .map_err(|e| BrokerError::Link(e.to_string()))?;
         let tap_stop = stop.clone();
         let tap_metrics = Arc::clone(&metrics);
-        tasks.spawn(async move {
+        tasks.spawn_blocking(move || {
             // The link's sender must live as long as the subscription.
             let _link_tx = link_tx;
-            tap::run(link_rx, tap_metrics, tap_stop).await;
+            tap::run(link_rx, &tap_metrics, &tap_stop);
             Ok(())
         });
 

@@ -9,6 +9,8 @@
 //! (Redis down, restarted, or flushed) so readers can go to MongoDB instead, and the ingest
 //! repair task rebuilds them. This module must not read MongoDB itself.
 
+mod memo;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -18,8 +20,12 @@ use fred::prelude::{
     Builder, Client, ClientLike, Config, KeysInterface, ReconnectPolicy, SortedSetsInterface,
 };
 use fred::types::InfoKind;
+use fred::types::scripts::Script;
 
-use crate::domain::{Reading, SensorId};
+use bytes::Bytes;
+
+use crate::domain::{Reading, SensorId, json_array};
+use memo::Memo;
 
 /// How many readings each latest set keeps.
 pub const LATEST: usize = 10;
@@ -31,6 +37,9 @@ pub struct CacheConfig {
     pub prefix: String,
     /// A command not answered within this time fails (and the caller falls back).
     pub command_timeout: Duration,
+    /// How long a latest-ten answer read from Redis may be served again from memory. Writes
+    /// through this process invalidate it at once; this bounds only other writers. Zero: never.
+    pub memo_ttl: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +60,7 @@ impl From<fred::error::Error> for CacheError {
 pub struct Cache {
     client: Client,
     prefix: String,
+    memo: std::sync::Arc<Memo>,
 }
 
 impl std::fmt::Debug for Cache {
@@ -91,6 +101,7 @@ impl Cache {
         Ok(Self {
             client,
             prefix: config.prefix.clone(),
+            memo: std::sync::Arc::new(Memo::new(config.memo_ttl)),
         })
     }
 
@@ -98,16 +109,19 @@ impl Cache {
         self.client.is_connected()
     }
 
+    // Keys are `{<prefix>}:latest:<sensor id>`, `{<prefix>}:latest` and `{<prefix>}:intact`. The
+    // braces are a Redis Cluster hash tag: every key of one deployment lives in one slot, so one
+    // script can update them all.
     fn sensor_key(&self, id: &SensorId) -> String {
-        format!("{}latest:{}", self.prefix, id.as_str())
+        format!("{{{}}}:latest:{}", self.prefix, id.as_str())
     }
 
     fn overall_key(&self) -> String {
-        format!("{}latest", self.prefix)
+        format!("{{{}}}:latest", self.prefix)
     }
 
     fn marker_key(&self) -> String {
-        format!("{}intact", self.prefix)
+        format!("{{{}}}:intact", self.prefix)
     }
 
     /// Adds `readings` to their sensors' sets and to the overall set, keeping ten in each, in
@@ -120,31 +134,12 @@ impl Cache {
         for r in readings {
             by_sensor.entry(r.sensor_id()).or_default().push(r);
         }
-        let pipeline = self.client.pipeline();
-        for (id, mut rs) in by_sensor {
-            // Only the newest ten of a batch can survive the trim.
-            rs.sort_by_key(|r| std::cmp::Reverse(r.timestamp()));
-            rs.truncate(LATEST);
-            let key = self.sensor_key(id);
-            let () = pipeline
-                .zadd(&key, None, None, false, false, members(&rs))
-                .await?;
-            let () = pipeline
-                .zremrangebyrank(&key, 0, -(LATEST as i64) - 1)
-                .await?;
-        }
-        let mut newest: Vec<&Reading> = readings.iter().collect();
-        newest.sort_by_key(|r| std::cmp::Reverse(r.timestamp()));
-        newest.truncate(LATEST);
-        let key = self.overall_key();
-        let () = pipeline
-            .zadd(&key, None, None, false, false, members(&newest))
-            .await?;
-        let () = pipeline
-            .zremrangebyrank(&key, 0, -(LATEST as i64) - 1)
-            .await?;
-        let _: Vec<fred::types::Value> = pipeline.all().await?;
-        Ok(())
+        let mut sets: Vec<(String, Vec<&Reading>)> = by_sensor
+            .into_iter()
+            .map(|(id, rs)| (self.sensor_key(id), rs))
+            .collect();
+        sets.push((self.overall_key(), readings.iter().collect()));
+        self.merge(sets).await
     }
 
     /// Merges readings taken from MongoDB into one set (a sensor's, or the overall one).
@@ -158,26 +153,52 @@ impl Cache {
             return Ok(());
         }
         let key = sensor.map_or_else(|| self.overall_key(), |id| self.sensor_key(id));
-        let refs: Vec<&Reading> = readings.iter().collect();
-        let pipeline = self.client.pipeline();
-        let () = pipeline
-            .zadd(&key, None, None, false, false, members(&refs))
-            .await?;
-        let () = pipeline
-            .zremrangebyrank(&key, 0, -(LATEST as i64) - 1)
-            .await?;
-        let _: Vec<fred::types::Value> = pipeline.all().await?;
+        self.merge(vec![(key, readings.iter().collect())]).await
+    }
+
+    /// `ZADD` then trim to ten, for every set, in one script call. A pipeline would do too, but
+    /// fred flushes the socket after each command of a pipeline: one write(2) per command.
+    async fn merge(&self, sets: Vec<(String, Vec<&Reading>)>) -> Result<(), CacheError> {
+        let mut keys = Vec::with_capacity(sets.len());
+        let mut args: Vec<String> = Vec::with_capacity(1 + sets.len() * 4);
+        args.push(LATEST.to_string());
+        for (key, mut readings) in sets {
+            // Only the newest ten of a batch can survive the trim.
+            readings.sort_by_key(|r| std::cmp::Reverse(r.timestamp()));
+            readings.truncate(LATEST);
+            keys.push(key);
+            args.push(readings.len().to_string());
+            for r in readings {
+                args.push(r.timestamp().as_millis().to_string());
+                args.push(r.to_json());
+            }
+        }
+        let result: Result<i64, _> = MERGE
+            .evalsha_with_reload(&self.client, keys.clone(), args)
+            .await;
+        // After the write (it may have applied even if it failed): reads from now on see it.
+        self.memo.invalidate(keys.iter().map(String::as_str));
+        result?;
         Ok(())
     }
 
-    /// The latest ten as JSON texts, newest first. Empty when the set does not exist.
-    pub async fn latest(&self, sensor: Option<&SensorId>) -> Result<Vec<String>, CacheError> {
+    /// The latest ten as one JSON array, newest first; `None` when the set is empty or absent.
+    pub async fn latest(&self, sensor: Option<&SensorId>) -> Result<Option<Bytes>, CacheError> {
         let key = sensor.map_or_else(|| self.overall_key(), |id| self.sensor_key(id));
+        let version = match self.memo.get(&key) {
+            Ok(body) => return Ok(Some(body)),
+            Err(version) => version,
+        };
         let members: Vec<String> = self
             .client
             .zrange(&key, 0i64, LATEST as i64 - 1, None, true, None, false)
             .await?;
-        Ok(members)
+        if members.is_empty() {
+            return Ok(None);
+        }
+        let body = Bytes::from(json_array(&members));
+        self.memo.keep(&key, version, body.clone());
+        Ok(Some(body))
     }
 
     /// Reads Redis's run id and whether our marker is still there.
@@ -206,12 +227,29 @@ impl Cache {
     }
 }
 
-fn members(readings: &[&Reading]) -> Vec<(f64, String)> {
-    readings
-        .iter()
-        .map(|r| (r.timestamp().as_millis() as f64, r.to_json()))
-        .collect()
-}
+/// Adds members to sorted sets and trims each to the newest `ARGV[1]`.
+/// `ARGV[2..]`, per key in order: a member count n, then n pairs of (score, member).
+static MERGE: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::from_lua(
+        r#"
+local keep = tonumber(ARGV[1])
+local at = 2
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[at])
+  if n > 0 then
+    local members = {}
+    for j = 1, 2 * n do
+      members[j] = ARGV[at + j]
+    end
+    redis.call('ZADD', KEYS[i], unpack(members))
+    redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -keep - 1)
+  end
+  at = at + 1 + 2 * n
+end
+return #KEYS
+"#,
+    )
+});
 
 /// Which latest sets may be stale, shared by the ingest stages that find out and the readers
 /// that must then go to MongoDB.

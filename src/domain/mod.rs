@@ -12,5 +12,5 @@ pub use dead_letter::DeadLetter;
 pub use decode::{
     Captured, DEAD_LETTER_RAW_BYTES, Limits, Reason, Rejection, TOPIC_PREFIX, decode,
 };
-pub use reading::{Kind, MAX_KIND_BYTES, MAX_SENSOR_ID_BYTES, Reading, SensorId};
+pub use reading::{Kind, MAX_KIND_BYTES, MAX_SENSOR_ID_BYTES, Reading, SensorId, json_array};
 pub use timestamp::{Timestamp, TimestampError};

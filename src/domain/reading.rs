@@ -133,6 +133,21 @@ impl Reading {
     }
 }
 
+/// JSON texts of elements (such as `Reading::to_json`'s) joined into one JSON array.
+pub fn json_array<S: AsRef<str>>(elements: &[S]) -> Vec<u8> {
+    let len = elements.iter().map(|e| e.as_ref().len() + 1).sum::<usize>() + 2;
+    let mut out = Vec::with_capacity(len);
+    out.push(b'[');
+    for (i, e) in elements.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(e.as_ref().as_bytes());
+    }
+    out.push(b']');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +182,8 @@ mod tests {
         }
         let r = Reading::new(id, kind, -0.5, at).unwrap();
         assert_eq!(r.key(), "s|0");
+        assert_eq!(json_array::<&str>(&[]), b"[]");
+        assert_eq!(json_array(&["1", "{}"]), b"[1,{}]");
         assert_eq!(
             r.to_json(),
             r#"{"sensor_id":"s","kind":"k","value":-0.5,"timestamp":"1970-01-01T00:00:00.000Z"}"#

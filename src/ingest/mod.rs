@@ -12,12 +12,13 @@
 //!
 //! Ingest is where the adapters meet; it must not touch the broker or serve HTTP.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, Health, LATEST};
@@ -27,11 +28,13 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// How much of the log one write takes at most.
-const BATCH_BYTES: usize = 1 << 20;
+const BATCH_BYTES: usize = 512 << 10;
+/// Batches written to MongoDB at once.
+const IN_FLIGHT: usize = 2;
 /// Dead letters logged one by one per batch; the rest are counted in one line.
 const LOGGED_DEAD_LETTERS: usize = 5;
 /// Redis updates queued before the writer marks sets stale instead.
-const CACHE_QUEUE: usize = 64;
+const CACHE_QUEUE: usize = 16;
 
 /// When the writer stops.
 #[derive(Clone, Debug)]
@@ -59,9 +62,26 @@ pub fn cache_queue() -> (mpsc::Sender<Vec<Reading>>, mpsc::Receiver<Vec<Reading>
     mpsc::channel(CACHE_QUEUE)
 }
 
+/// A batch MongoDB took, with the positions of its readings that were already stored.
+type Stored = (Batch, Vec<usize>);
+
+/// A batch read from the log and judged, on its way to MongoDB.
+#[derive(Debug)]
+struct Batch {
+    readings: Vec<Reading>,
+    dead: Vec<DeadLetter>,
+    /// The log position just past the batch.
+    end: u64,
+    /// Read from the part of the log a previous run had not marked stored.
+    replayed: bool,
+}
+
 impl Writer {
     /// Runs until stopped. The log's contents at start (past the checkpoint) are a replay: a
     /// crash may have stored them without updating Redis, so their sensors are rebuilt.
+    ///
+    /// Up to `IN_FLIGHT` batches are written to MongoDB at once, so the server always has the
+    /// next batch in hand while it indexes the previous one; they complete in log order.
     pub async fn run(mut self, stop: WriterStop) {
         let replay_end = self.journal.end();
         if replay_end > self.reader.position() {
@@ -70,149 +90,181 @@ impl Writer {
                 "replaying the local log past its checkpoint"
             );
         }
+        let mut in_flight: VecDeque<JoinHandle<Option<Stored>>> = VecDeque::new();
         loop {
-            if self.reader.position() >= self.journal.end() {
+            if stop.abort.is_cancelled() {
+                return;
+            }
+            while in_flight.len() < IN_FLIGHT && self.reader.position() < self.journal.end() {
+                let Some(batch) = self.next_batch(replay_end, &stop.abort).await else {
+                    return;
+                };
+                in_flight.push_back(tokio::spawn(store_batch(
+                    self.store.clone(),
+                    Arc::clone(&self.metrics),
+                    self.journal.clone(),
+                    batch,
+                    stop.abort.clone(),
+                )));
+            }
+            // With room in the pipeline, new data is worth waking for too.
+            let room = self.reader.position() >= self.journal.end() && in_flight.len() < IN_FLIGHT;
+            let Some(oldest) = in_flight.front_mut() else {
                 // The app closes the log before it asks for a drain, so this end is final.
                 if stop.drain.is_cancelled() && self.journal.is_closed() {
                     return;
                 }
-                let (drain, abort) = (stop.drain.clone(), stop.abort.clone());
-                let woke = self
-                    .reader
-                    .wait(async move {
-                        tokio::select! {
-                            () = drain.cancelled() => {}
-                            () = abort.cancelled() => {}
-                        }
-                    })
-                    .await;
-                if stop.abort.is_cancelled() {
-                    return;
-                }
-                if !woke && !self.journal.is_closed() {
+                let woke = self.wait_for_more(&stop).await;
+                if !woke && !self.journal.is_closed() && !stop.abort.is_cancelled() {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
                 continue;
-            }
-            if stop.abort.is_cancelled() {
-                return;
-            }
-            let batch = match tokio::task::block_in_place(|| self.reader.read(BATCH_BYTES)) {
-                Ok(batch) => batch,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the local log; retrying");
-                    if sleep_or_abort(Duration::from_secs(1), &stop.abort).await {
-                        return;
-                    }
-                    continue;
-                }
             };
-            self.metrics
-                .journal_corrupt_bytes
-                .store(self.reader.corrupt_bytes(), Ordering::Relaxed);
-            let replayed = batch.records.first().is_some_and(|r| r.lsn < replay_end);
-            let mut readings = Vec::with_capacity(batch.records.len());
-            let mut dead = Vec::new();
-            for record in &batch.records {
-                match decode(&record.message, &self.limits) {
-                    Ok(reading) => readings.push(reading),
-                    Err(rejection) => {
-                        let id = format!("{}:{}", self.journal.log_id(), record.lsn);
-                        dead.push(DeadLetter::new(id, &record.message, rejection));
+            tokio::select! {
+                done = oldest => {
+                    in_flight.pop_front();
+                    match done {
+                        Ok(Some((batch, duplicates))) => self.finish(batch, &duplicates),
+                        // Aborted (or the task panicked): the log keeps the rest.
+                        _ => return,
                     }
                 }
+                _ = self.reader.wait(std::future::pending()), if room => {}
             }
-            let Some(inserted) = self.store_readings(&readings, &stop.abort).await else {
-                return;
-            };
-            if !self.store_dead_letters(&dead, &stop.abort).await {
-                return;
-            }
-            let duplicates: HashSet<usize> = inserted.into_iter().collect();
-            self.metrics.stored.fetch_add(
-                (readings.len() - duplicates.len()) as u64,
-                Ordering::Relaxed,
-            );
-            self.metrics
-                .duplicates
-                .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
-            for (i, letter) in dead.iter().enumerate() {
-                self.metrics.dead_letter(letter.reason);
-                // A device gone haywire must not flood the log: a few per batch, then a count.
-                if i < LOGGED_DEAD_LETTERS {
-                    tracing::warn!(
-                        reason = letter.reason.code(),
-                        topic = %letter.topic,
-                        detail = %letter.message,
-                        "dead letter"
-                    );
-                }
-            }
-            if dead.len() > LOGGED_DEAD_LETTERS {
-                tracing::warn!(
-                    more = dead.len() - LOGGED_DEAD_LETTERS,
-                    "more dead letters in this batch; see GET /deadletters"
-                );
-            }
-            if replayed {
-                self.health.mark_dirty(&readings);
-            } else {
-                // Only readings this batch stored go to Redis: a duplicate with another value
-                // must not show where MongoDB kept the first.
-                let new: Vec<Reading> = readings
-                    .into_iter()
-                    .enumerate()
-                    .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
-                    .collect();
-                if !new.is_empty()
-                    && let Err(
-                        mpsc::error::TrySendError::Full(lost)
-                        | mpsc::error::TrySendError::Closed(lost),
-                    ) = self.cache_tx.try_send(new)
-                {
-                    self.health.mark_dirty(&lost);
-                }
-            }
-            self.journal.mark_stored(batch.end);
         }
     }
 
-    /// Stores readings, retrying until MongoDB takes them. `None` when aborted first.
-    async fn store_readings(
-        &self,
-        readings: &[Reading],
-        abort: &CancellationToken,
-    ) -> Option<Vec<usize>> {
-        let mut backoff = Backoff::default();
-        loop {
-            match self.store.insert_readings(readings).await {
-                Ok(inserted) => return Some(inserted.duplicates),
+    /// Waits for data past our position, or for a drain or abort. False when it gave up.
+    async fn wait_for_more(&mut self, stop: &WriterStop) -> bool {
+        let (drain, abort) = (stop.drain.clone(), stop.abort.clone());
+        self.reader
+            .wait(async move {
+                tokio::select! {
+                    () = drain.cancelled() => {}
+                    () = abort.cancelled() => {}
+                }
+            })
+            .await
+    }
+
+    /// Reads and judges the next batch. `None` when aborted.
+    async fn next_batch(&mut self, replay_end: u64, abort: &CancellationToken) -> Option<Batch> {
+        let records = loop {
+            match tokio::task::block_in_place(|| self.reader.read(BATCH_BYTES)) {
+                Ok(records) => break records,
                 Err(e) => {
-                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                    backoff.log(&e, self.journal.pending_bytes());
-                    if sleep_or_abort(backoff.next(), abort).await {
+                    tracing::error!(error = %e, "cannot read the local log; retrying");
+                    if sleep_or_abort(Duration::from_secs(1), abort).await {
                         return None;
                     }
                 }
             }
-        }
-    }
-
-    async fn store_dead_letters(&self, letters: &[DeadLetter], abort: &CancellationToken) -> bool {
-        let mut backoff = Backoff::default();
-        loop {
-            match self.store.insert_dead_letters(letters).await {
-                Ok(()) => return true,
-                Err(e) => {
-                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                    backoff.log(&e, self.journal.pending_bytes());
-                    if sleep_or_abort(backoff.next(), abort).await {
-                        return false;
-                    }
+        };
+        self.metrics
+            .journal_corrupt_bytes
+            .store(self.reader.corrupt_bytes(), Ordering::Relaxed);
+        let mut batch = Batch {
+            readings: Vec::with_capacity(records.records.len()),
+            dead: Vec::new(),
+            end: records.end,
+            replayed: records.records.first().is_some_and(|r| r.lsn < replay_end),
+        };
+        for record in &records.records {
+            match decode(&record.message, &self.limits) {
+                Ok(reading) => batch.readings.push(reading),
+                Err(rejection) => {
+                    let id = format!("{}:{}", self.journal.log_id(), record.lsn);
+                    batch
+                        .dead
+                        .push(DeadLetter::new(id, &record.message, rejection));
                 }
             }
         }
+        Some(batch)
     }
+
+    /// Accounts for a stored batch, passes its new readings to Redis and moves the stored mark.
+    fn finish(&self, batch: Batch, duplicates: &[usize]) {
+        let duplicates: HashSet<usize> = duplicates.iter().copied().collect();
+        self.metrics.stored.fetch_add(
+            (batch.readings.len() - duplicates.len()) as u64,
+            Ordering::Relaxed,
+        );
+        self.metrics
+            .duplicates
+            .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
+        for (i, letter) in batch.dead.iter().enumerate() {
+            self.metrics.dead_letter(letter.reason);
+            // A device gone haywire must not flood the log: a few per batch, then a count.
+            if i < LOGGED_DEAD_LETTERS {
+                tracing::warn!(
+                    reason = letter.reason.code(),
+                    topic = %letter.topic,
+                    detail = %letter.message,
+                    "dead letter"
+                );
+            }
+        }
+        if batch.dead.len() > LOGGED_DEAD_LETTERS {
+            tracing::warn!(
+                more = batch.dead.len() - LOGGED_DEAD_LETTERS,
+                "more dead letters in this batch; see GET /deadletters"
+            );
+        }
+        if batch.replayed {
+            self.health.mark_dirty(&batch.readings);
+        } else {
+            // Only readings this batch stored go to Redis: a duplicate with another value
+            // must not show where MongoDB kept the first.
+            let new: Vec<Reading> = batch
+                .readings
+                .into_iter()
+                .enumerate()
+                .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
+                .collect();
+            if !new.is_empty()
+                && let Err(
+                    mpsc::error::TrySendError::Full(lost) | mpsc::error::TrySendError::Closed(lost),
+                ) = self.cache_tx.try_send(new)
+            {
+                self.health.mark_dirty(&lost);
+            }
+        }
+        self.journal.mark_stored(batch.end);
+    }
+}
+
+/// Stores a batch's readings and dead letters, retrying until MongoDB takes them. Returns the
+/// batch with the positions of readings already stored; `None` when aborted first.
+async fn store_batch(
+    store: Store,
+    metrics: Arc<Metrics>,
+    journal: Journal,
+    batch: Batch,
+    abort: CancellationToken,
+) -> Option<Stored> {
+    let mut backoff = Backoff::default();
+    let duplicates = loop {
+        match store.insert_readings(&batch.readings).await {
+            Ok(inserted) => break inserted.duplicates,
+            Err(e) => {
+                metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                backoff.log(&e, journal.pending_bytes());
+                if sleep_or_abort(backoff.next(), &abort).await {
+                    return None;
+                }
+            }
+        }
+    };
+    let mut backoff = Backoff::default();
+    while let Err(e) = store.insert_dead_letters(&batch.dead).await {
+        metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        backoff.log(&e, journal.pending_bytes());
+        if sleep_or_abort(backoff.next(), &abort).await {
+            return None;
+        }
+    }
+    Some((batch, duplicates))
 }
 
 /// Exponential backoff from 50 ms to 2 s, logging the first failure and then every tenth.

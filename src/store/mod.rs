@@ -6,6 +6,9 @@
 //! leave this module. It must not decide anything about readings (that is `domain`) nor retry
 //! (that is the caller's policy).
 
+mod writes;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{Bson, DateTime, doc, spec::BinarySubtype};
@@ -16,6 +19,7 @@ use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{DeadLetter, Kind, Reading, Reason, SensorId, Timestamp};
+pub use writes::WriteLog;
 
 /// Where the history lives.
 #[derive(Clone, Debug)]
@@ -57,6 +61,9 @@ impl From<MongoError> for StoreError {
 }
 
 const DUPLICATE_KEY: i32 = 11000;
+
+/// How far back `latest` looks before it looks everywhere: 10 s, 10 min, 1 day, 30 days.
+const LATEST_WINDOWS_MS: [i64; 4] = [10_000, 600_000, 86_400_000, 2_592_000_000];
 
 #[derive(Debug, Serialize, Deserialize)]
 struct ReadingDoc {
@@ -146,6 +153,8 @@ pub struct Store {
     readings: Collection<ReadingDoc>,
     dead_letters: Collection<DeadLetterDoc>,
     config: StoreConfig,
+    /// The time ranges this process wrote readings into, for readers that cache.
+    writes: Arc<WriteLog>,
 }
 
 impl Store {
@@ -172,6 +181,7 @@ impl Store {
             dead_letters: db.collection(&config.dead_letter_collection),
             client,
             config,
+            writes: Arc::default(),
         };
         store.ping().await?;
         Ok(store)
@@ -225,12 +235,23 @@ impl Store {
             return Ok(Inserted::default());
         }
         let docs: Vec<ReadingDoc> = readings.iter().map(ReadingDoc::from_reading).collect();
-        match self.readings.insert_many(&docs).ordered(false).await {
+        let result = self.readings.insert_many(&docs).ordered(false).await;
+        // Recorded whatever the outcome: a failed insert may still have stored some.
+        let times = readings.iter().map(Reading::timestamp);
+        if let (Some(earliest), Some(latest)) = (times.clone().min(), times.max()) {
+            self.writes.record(earliest, latest);
+        }
+        match result {
             Ok(_) => Ok(Inserted::default()),
             Err(e) => only_duplicates(&e)
                 .map(|duplicates| Inserted { duplicates })
                 .ok_or_else(|| StoreError::from_mongo(&e)),
         }
+    }
+
+    /// The time ranges this process wrote readings into, for readers that cache.
+    pub fn writes(&self) -> &WriteLog {
+        &self.writes
     }
 
     /// Keeps dead letters; one already kept (a replay) is not an error.
@@ -286,32 +307,59 @@ impl Store {
                 doc! {"timestamp": 1, "sensor_id": 1}
             }
         };
+        // One round trip: the first batch holds the whole page (the default is 101 documents).
         let cursor = self
             .readings
             .find(filter)
             .sort(sort)
             .limit(i64::from(query.limit))
+            .batch_size(query.limit)
             .await?;
         collect_readings(cursor).await
     }
 
     /// The `n` newest readings of one sensor, or of all sensors, newest first.
+    ///
+    /// Asked first for a recent window, then for wider ones: the MongoDB wire server this is
+    /// tested against walks every index entry a query matches before it applies the limit, so
+    /// an unbounded "newest ten" costs the sensor's whole history. The first window answers for
+    /// any sensor that reported lately; on MongoDB each step is an index seek either way.
     pub async fn latest(
         &self,
         sensor: Option<&SensorId>,
         n: u32,
     ) -> Result<Vec<Reading>, StoreError> {
-        let (filter, sort) = match sensor {
-            Some(id) => (doc! {"sensor_id": id.as_str()}, doc! {"timestamp": -1}),
-            None => (doc! {}, doc! {"timestamp": -1, "sensor_id": -1}),
-        };
-        let cursor = self
-            .readings
-            .find(filter)
-            .sort(sort)
-            .limit(i64::from(n))
-            .await?;
-        collect_readings(cursor).await
+        let now = Timestamp::now();
+        let mut readings = Vec::new();
+        for window in LATEST_WINDOWS_MS.iter().map(Some).chain([None]) {
+            let mut filter = match sensor {
+                Some(id) => doc! {"sensor_id": id.as_str()},
+                None => doc! {},
+            };
+            if let Some(window) = window {
+                let since = now.saturating_add_millis(-window);
+                filter.insert(
+                    "timestamp",
+                    doc! {"$gte": DateTime::from_millis(since.as_millis())},
+                );
+            }
+            let sort = match sensor {
+                Some(_) => doc! {"timestamp": -1},
+                None => doc! {"timestamp": -1, "sensor_id": -1},
+            };
+            let cursor = self
+                .readings
+                .find(filter)
+                .sort(sort)
+                .limit(i64::from(n))
+                .await?;
+            readings = collect_readings(cursor).await?;
+            // Everything newer than the window's start is in it: n found means the n newest.
+            if readings.len() >= n as usize {
+                break;
+            }
+        }
+        Ok(readings)
     }
 
     /// Every reading, ascending by time, as a stream read from a server cursor in batches: memory

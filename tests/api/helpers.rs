@@ -261,7 +261,7 @@ impl TestApp {
             mqtt5_port: free_port(),
             http_port: free_port(),
             database: unique("test"),
-            prefix: format!("{}:", unique("t")),
+            prefix: unique("t"),
             journal_dir: dir.join("journal"),
             mongodb_uri: options
                 .mongodb_uri

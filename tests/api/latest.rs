@@ -132,3 +132,41 @@ async fn an_unknown_sensor_is_a_404_with_a_message() {
     assert_eq!(status, 200);
     assert_eq!(body, serde_json::json!([]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_reading_replaces_a_latest_ten_answer_kept_in_memory() {
+    // Answers may be kept for a minute: only invalidation on write can make the new one show.
+    let app = TestApp::spawn_with(crate::helpers::AppOptions {
+        args: vec!["--read-cache-ms".into(), "60000".into()],
+        ..Default::default()
+    })
+    .await;
+    let publisher = Publisher::connect(app.mqtt_port, "memo").await;
+    publisher
+        .publish(0, "sensors/temperature", reading_json("M", 1.0, &ts(1000)))
+        .await;
+    publisher.wait_acked(1).await;
+    let first = app
+        .eventually("M served from Redis", || async {
+            let response = app.get("/latestten/M").await;
+            let from_redis = response
+                .headers()
+                .get("x-sensorhub-source")
+                .is_some_and(|v| v == "redis");
+            let body: Value = response.json().await.ok()?;
+            (from_redis && body.as_array().is_some_and(|a| a.len() == 1)).then_some(body)
+        })
+        .await;
+    assert_eq!(first[0]["value"], 1.0);
+    publisher
+        .publish(1, "sensors/temperature", reading_json("M", 2.0, &ts(2000)))
+        .await;
+    publisher.wait_acked(2).await;
+    let body = app
+        .eventually("the new reading on top", || async {
+            let (_, body) = app.get_json("/latestten/M").await;
+            (body.as_array().is_some_and(|a| a.len() == 2)).then_some(body)
+        })
+        .await;
+    assert_eq!(timestamps(&body), vec![ts(2000), ts(1000)]);
+}

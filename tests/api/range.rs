@@ -197,3 +197,54 @@ async fn pages_chain_through_the_link_header_without_gaps_or_repeats() {
     sorted.sort_by(|a, b| (&a.1, &a.0).cmp(&(&b.1, &b.0)));
     assert_eq!(seen, sorted, "pages are not in (timestamp, sensor) order");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_reading_shows_in_a_range_read_before_it_arrived() {
+    // Answers may be kept for a minute: only exact invalidation can make the late reading show.
+    let app = TestApp::spawn_with(crate::helpers::AppOptions {
+        args: vec!["--read-cache-ms".into(), "60000".into()],
+        ..Default::default()
+    })
+    .await;
+    let publisher = Publisher::connect(app.mqtt_port, "late").await;
+    publisher
+        .publish(
+            0,
+            "sensors/temperature",
+            reading_json("late", 1.0, &ts(1000)),
+        )
+        .await;
+    publisher.wait_acked(1).await;
+    app.wait_for_count(1).await;
+    let (_, before) = range(&app, &ts(0), &ts(5000)).await;
+    assert_eq!(sensor_times(&before).len(), 1);
+    let (_, again) = range(&app, &ts(0), &ts(5000)).await;
+    assert_eq!(again, before, "a repeated query gets the same page");
+
+    // A reading outside the range leaves the page as it was; one inside it shows at once.
+    publisher
+        .publish(
+            1,
+            "sensors/temperature",
+            reading_json("late", 2.0, &ts(9000)),
+        )
+        .await;
+    publisher
+        .publish(
+            2,
+            "sensors/temperature",
+            reading_json("late", 3.0, &ts(2000)),
+        )
+        .await;
+    publisher.wait_acked(3).await;
+    app.wait_for_count(3).await;
+    app.eventually("the stored mark to pass the late reading", || async {
+        (app.metric("sensorhub_readings_stored_total").await == 3).then_some(())
+    })
+    .await;
+    let (_, after) = range(&app, &ts(0), &ts(5000)).await;
+    assert_eq!(
+        sensor_times(&after),
+        vec![("late".into(), ts(1000)), ("late".into(), ts(2000))]
+    );
+}
