@@ -25,12 +25,14 @@ use crate::cache::{Cache, Health, LATEST};
 use crate::domain::{DeadLetter, Limits, Reading, decode};
 use crate::journal::{Journal, JournalReader};
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// How much of the log one write takes at most.
 const BATCH_BYTES: usize = 512 << 10;
 /// Batches written to MongoDB at once.
 const IN_FLIGHT: usize = 2;
+/// A MongoDB write not answered within this time is abandoned and tried again.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Dead letters logged one by one per batch; the rest are counted in one line.
 const LOGGED_DEAD_LETTERS: usize = 5;
 /// Redis updates queued before the writer marks sets stale instead.
@@ -243,28 +245,52 @@ async fn store_batch(
     batch: Batch,
     abort: CancellationToken,
 ) -> Option<Stored> {
+    let inserted = until_done(
+        || store.insert_readings(&batch.readings),
+        &metrics,
+        &journal,
+        &abort,
+    )
+    .await?;
+    until_done(
+        || store.insert_dead_letters(&batch.dead),
+        &metrics,
+        &journal,
+        &abort,
+    )
+    .await?;
+    let duplicates = inserted.duplicates;
+    Some((batch, duplicates))
+}
+
+/// Runs `write` until MongoDB accepts it, with backoff; `None` when aborted first.
+async fn until_done<T, F, Fut>(
+    mut write: F,
+    metrics: &Metrics,
+    journal: &Journal,
+    abort: &CancellationToken,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
     let mut backoff = Backoff::default();
-    let duplicates = loop {
-        match store.insert_readings(&batch.readings).await {
-            Ok(inserted) => break inserted.duplicates,
-            Err(e) => {
-                metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                backoff.log(&e, journal.pending_bytes());
-                if sleep_or_abort(backoff.next(), &abort).await {
-                    return None;
-                }
+    loop {
+        // A server that hangs rather than fails would otherwise stall here without a word; the
+        // abandoned attempt may still complete, which the retry then sees as duplicates.
+        let error = match tokio::time::timeout(WRITE_TIMEOUT, write()).await {
+            Ok(Ok(done)) => return Some(done),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                StoreError::Unavailable(format!("no answer within {} s", WRITE_TIMEOUT.as_secs()))
             }
-        }
-    };
-    let mut backoff = Backoff::default();
-    while let Err(e) = store.insert_dead_letters(&batch.dead).await {
+        };
         metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-        backoff.log(&e, journal.pending_bytes());
-        if sleep_or_abort(backoff.next(), &abort).await {
+        backoff.log(&error, journal.pending_bytes());
+        if sleep_or_abort(backoff.next(), abort).await {
             return None;
         }
     }
-    Some((batch, duplicates))
 }
 
 /// Exponential backoff from 50 ms to 2 s, logging the first failure and then every tenth.

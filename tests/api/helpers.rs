@@ -154,18 +154,7 @@ pub fn start_redis() -> Server {
 
 /// A MongoDB wire server of its own, for tests that stop it. Data survives `stop`/`resume`.
 pub fn start_mongo() -> Server {
-    let port = free_port();
-    let dir = scratch_dir("mongo");
-    let program = mongo_program();
-    let args = vec![
-        "--host".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        port.to_string(),
-        "--storage-path".into(),
-        dir.join("data").display().to_string(),
-    ];
-    Server::start(&program, args, port, dir)
+    start_mongo_with(&[])
 }
 
 /// Like `start_mongo`, with extra flags for the server (e.g. `--sync-on-commit`).

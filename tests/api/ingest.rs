@@ -44,26 +44,12 @@ async fn a_published_reading_becomes_one_typed_document() {
 async fn mqtt5_and_keep_alive_zero_clients_are_accepted() {
     let app = TestApp::spawn().await;
 
-    let status = std::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &app.mqtt5_port.to_string(),
-            "-V",
-            "mqttv5",
-            "-q",
-            "1",
-        ])
-        .args([
-            "-t",
-            "sensors/humidity",
-            "-m",
-            &reading_json("h-5", 40.0, &ts(0)),
-        ])
-        .status()
-        .expect("mosquitto_pub");
-    assert!(status.success());
+    mosquitto_pub(
+        app.mqtt5_port,
+        &["-V", "mqttv5"],
+        "sensors/humidity",
+        &reading_json("h-5", 40.0, &ts(0)),
+    );
 
     // MQTT allows keep-alive 0 ("no keep-alive"); rumqttd alone refuses it.
     let mut options = rumqttc::MqttOptions::new("no-keepalive", "127.0.0.1", app.mqtt_port);
@@ -155,23 +141,12 @@ async fn ten_thousand_qos1_readings_from_four_clients_are_all_stored_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mosquitto_pub_reading_shows_in_latestten() {
     let app = TestApp::spawn().await;
-    let status = std::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &app.mqtt_port.to_string(),
-            "-q",
-            "1",
-        ])
-        .args(["-t", "sensors/temperature"])
-        .args([
-            "-m",
-            r#"{"sensor_id": "boiler-7", "value": 21.5, "timestamp": "2026-11-27T10:15:00+01:00"}"#,
-        ])
-        .status()
-        .expect("mosquitto_pub");
-    assert!(status.success());
+    mosquitto_pub(
+        app.mqtt_port,
+        &[],
+        "sensors/temperature",
+        r#"{"sensor_id": "boiler-7", "value": 21.5, "timestamp": "2026-11-27T10:15:00+01:00"}"#,
+    );
     let body = app
         .eventually("boiler-7 in /latestten/boiler-7", || async {
             let (status, body) = app.get_json("/latestten/boiler-7").await;
@@ -187,4 +162,15 @@ async fn a_mosquitto_pub_reading_shows_in_latestten() {
             "timestamp": "2026-11-27T09:15:00.000Z"
         }])
     );
+}
+
+/// Publishes one message at QoS 1 with Mosquitto's own client, as an operator would.
+fn mosquitto_pub(port: u16, extra: &[&str], topic: &str, message: &str) {
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(extra)
+        .args(["-t", topic, "-m", message])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success(), "mosquitto_pub failed: {status}");
 }

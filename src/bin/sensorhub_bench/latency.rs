@@ -6,7 +6,6 @@
 //! an unknown sensor). Each probe's timestamp is unique; the clock starts before the publish and
 //! stops at the first poll (every ~2 ms, on one keep-alive connection) whose body holds it.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -15,10 +14,10 @@ use sensorhub::domain::Timestamp;
 use super::client::HttpClient;
 use super::env::{Env, Hub};
 use super::ingest::with_hub;
-use super::load::{Connection, Fleet, Load, LoadSpec, Rate};
+use super::load::{Connection, Load, LoadSpec};
 use super::procfs::CpuMeter;
 use super::report::{Report, Verdict, millis, percentile, thousands};
-use super::targets::{CONNECTIONS, INFLIGHT, LATENCY_P99, LATENCY_RATE, SENSORS};
+use super::targets::{LATENCY_P99, LATENCY_RATE};
 use super::{Plan, eventually, note_log};
 
 /// Probe sensors, used in turn.
@@ -108,16 +107,11 @@ pub async fn run(env: &Env, plan: &Plan, report: &mut Report) -> anyhow::Result<
 }
 
 async fn measure(env: &Env, plan: &Plan, hub: &Hub) -> anyhow::Result<Measured> {
-    let base = Timestamp::now().saturating_add_millis(-3_600_000);
-    let load = Load::start(LoadSpec {
-        port: hub.mqtt.port(),
-        connections: CONNECTIONS,
-        rate: Rate::PerSecond(LATENCY_RATE),
-        inflight: INFLIGHT,
-        fleet: Arc::new(Fleet::new("", SENSORS, base)?),
-        name: format!("bench-{}-latency", env.run_id),
-        pause: None,
-    })
+    let load = Load::start(LoadSpec::paced(
+        hub.mqtt.port(),
+        LATENCY_RATE,
+        format!("bench-{}-latency", env.run_id),
+    )?)
     .await?;
     let probe =
         Connection::open(hub.mqtt.port(), &format!("bench-{}-probe", env.run_id), 10).await?;

@@ -254,6 +254,27 @@ pub struct LoadSpec {
     pub pause: Option<Arc<AtomicBool>>,
 }
 
+impl LoadSpec {
+    /// The usual shape: the benchmark's fleet of sensors with readings from an hour ago on,
+    /// over its usual connections, paced at `per_second`.
+    pub fn paced(port: u16, per_second: f64, name: String) -> anyhow::Result<Self> {
+        use super::targets::{CONNECTIONS, INFLIGHT, SENSORS};
+        Ok(Self {
+            port,
+            connections: CONNECTIONS,
+            rate: Rate::PerSecond(per_second),
+            inflight: INFLIGHT,
+            fleet: Arc::new(Fleet::new(
+                "",
+                SENSORS,
+                Timestamp::now().saturating_add_millis(-3_600_000),
+            )?),
+            name,
+            pause: None,
+        })
+    }
+}
+
 /// The counters of a load's connections, readable while it runs.
 #[derive(Debug, Clone, Default)]
 pub struct Counters(Vec<Arc<ConnStats>>);

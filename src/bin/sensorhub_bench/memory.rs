@@ -5,16 +5,13 @@
 //! "Flat" is judged on the least-squares trend after a warm-up (the first tenth of the run, at
 //! least 5 s, when buffers and caches fill): its growth over the run must stay under 10 MB.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sensorhub::domain::Timestamp;
-
 use super::env::{Env, Hub, fetch_metrics};
-use super::load::{Fleet, Load, LoadSpec, Rate};
+use super::load::{Load, LoadSpec};
 use super::procfs::{Memory, RssSampler, slope_per_minute};
 use super::report::{Report, Verdict, megabytes, thousands};
-use super::targets::{CONNECTIONS, FLAT_GROWTH, INFLIGHT, MEMORY_RATE, RSS_LIMIT, SENSORS};
+use super::targets::{FLAT_GROWTH, MEMORY_RATE, RSS_LIMIT};
 use super::{Findings, Plan, note_log};
 
 #[derive(Debug)]
@@ -146,19 +143,11 @@ pub async fn run(
 async fn measure(env: &Env, plan: &Plan, hub: &Hub, rate: f64) -> anyhow::Result<Measured> {
     let rss = RssSampler::start(hub.pid);
     let mut http = hub.http_client();
-    let load = Load::start(LoadSpec {
-        port: hub.mqtt.port(),
-        connections: CONNECTIONS,
-        rate: Rate::PerSecond(rate),
-        inflight: INFLIGHT,
-        fleet: Arc::new(Fleet::new(
-            "",
-            SENSORS,
-            Timestamp::now().saturating_add_millis(-3_600_000),
-        )?),
-        name: format!("bench-{}-memory", env.run_id),
-        pause: None,
-    })
+    let load = Load::start(LoadSpec::paced(
+        hub.mqtt.port(),
+        rate,
+        format!("bench-{}-memory", env.run_id),
+    )?)
     .await?;
     let (began, stored_before) = (Instant::now(), fetch_metrics(&mut http).await?.stored);
     tokio::time::sleep(plan.memory).await;

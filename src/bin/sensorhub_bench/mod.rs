@@ -10,7 +10,7 @@
 //!   CONNECT;
 //! - [`procfs`]: memory and CPU of processes, from `/proc`;
 //! - one module per scenario: [`ceiling`], [`ingest`], [`latency`], [`http`], [`memory`],
-//!   [`startup`];
+//!   [`outage`], [`startup`];
 //! - [`report`]: the final table.
 //!
 //! It measures and reports; it never changes sensorhub's settings to flatter a number.
@@ -23,6 +23,7 @@ mod ingest;
 mod latency;
 mod load;
 mod memory;
+mod outage;
 mod procfs;
 mod report;
 mod startup;
@@ -67,6 +68,9 @@ mod targets {
     pub const MEMORY_RATE: f64 = 40_000.0;
     /// RSS growth over the memory run (least-squares trend) that still counts as flat.
     pub const FLAT_GROWTH: u64 = 10_000_000;
+    /// Ingest while MongoDB is out, and for how long it is out.
+    pub const OUTAGE_RATE: f64 = 20_000.0;
+    pub const OUTAGE: Duration = Duration::from_secs(60);
     /// From spawn to serving HTTP and MQTT.
     pub const STARTUP: Duration = Duration::from_secs(1);
     /// sensorhub processes started to measure start-up.
@@ -85,6 +89,8 @@ pub enum Scenario {
     Http,
     /// RSS over minutes at the ingest target.
     Memory,
+    /// MongoDB frozen for a minute mid-stream: nothing lost.
+    Outage,
     /// Spawn to ready.
     Startup,
 }
@@ -97,6 +103,7 @@ impl Scenario {
             Self::Latency => "latency",
             Self::Http => "http",
             Self::Memory => "memory",
+            Self::Outage => "outage",
             Self::Startup => "startup",
         }
     }
@@ -272,6 +279,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Latency,
             Scenario::Http,
             Scenario::Memory,
+            Scenario::Outage,
             Scenario::Startup,
         ]
     } else {
@@ -295,6 +303,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             )),
             Scenario::Http => http::run(&env, &plan, &mut report).await,
             Scenario::Memory => memory::run(&env, &plan, &findings, &mut report).await,
+            Scenario::Outage => outage::run(&env, &plan, &mut report).await,
             Scenario::Startup => startup::run(&env, &mut report).await,
         };
         if let Err(e) = outcome {
