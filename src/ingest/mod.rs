@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, Health, LATEST};
-use crate::domain::{DeadLetter, Limits, Reading, decode};
+use crate::domain::{DeadLetter, Limits, Reading, SensorId, decode};
 use crate::journal::{Journal, JournalReader};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -259,8 +259,7 @@ async fn store_batch(
         &abort,
     )
     .await?;
-    let duplicates = inserted.duplicates;
-    Some((batch, duplicates))
+    Some((batch, inserted.duplicates))
 }
 
 /// Runs `write` until MongoDB accepts it, with backoff; `None` when aborted first.
@@ -407,8 +406,7 @@ async fn rebuild_stale(
         let generation = health.generation();
         let sensors = store.sensor_ids().await?;
         for id in &sensors {
-            let latest = store.latest(Some(id), LATEST as u32).await?;
-            cache.rebuild(Some(id), &latest).await?;
+            rebuild_sensor(cache, store, id).await?;
         }
         metrics
             .cache_rebuilds
@@ -428,8 +426,7 @@ async fn rebuild_stale(
             break;
         }
         for (id, _) in &sensors {
-            let latest = store.latest(Some(id), LATEST as u32).await?;
-            cache.rebuild(Some(id), &latest).await?;
+            rebuild_sensor(cache, store, id).await?;
             health.clear_sensor(id, generation);
         }
         metrics
@@ -442,5 +439,12 @@ async fn rebuild_stale(
         cache.rebuild(None, &latest).await?;
         health.clear_overall(generation);
     }
+    Ok(())
+}
+
+/// Merges the sensor's latest ten from MongoDB into its Redis set.
+async fn rebuild_sensor(cache: &Cache, store: &Store, id: &SensorId) -> anyhow::Result<()> {
+    let latest = store.latest(Some(id), LATEST as u32).await?;
+    cache.rebuild(Some(id), &latest).await?;
     Ok(())
 }

@@ -38,6 +38,21 @@ fn read_all(reader: &mut JournalReader) -> Vec<Captured> {
     out
 }
 
+/// A log holding 200 messages over several segments, appended five at a time.
+fn spread_over_segments() -> (tempfile::TempDir, Journal, Vec<Captured>) {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    let written: Vec<Captured> = (0..200).map(message).collect();
+    for chunk in written.chunks(5) {
+        journal.append(chunk).unwrap();
+    }
+    (dir, journal, written)
+}
+
+fn first_segment(dir: &Path) -> PathBuf {
+    segment_path(dir, list_segments(dir).unwrap()[0])
+}
+
 #[test]
 fn reads_back_what_was_appended_across_segments() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,14 +170,8 @@ fn always_policy_appends_return_after_a_sync() {
 
 #[test]
 fn corruption_in_a_sealed_segment_is_skipped_and_counted() {
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(config(dir.path())).unwrap();
-    let written: Vec<Captured> = (0..200).map(message).collect();
-    for chunk in written.chunks(5) {
-        journal.append(chunk).unwrap();
-    }
-    let first = list_segments(dir.path()).unwrap()[0];
-    let path = segment_path(dir.path(), first);
+    let (dir, journal, written) = spread_over_segments();
+    let path = first_segment(dir.path());
     let mut bytes = fs::read(&path).unwrap();
     bytes[20] ^= 0xff;
     fs::write(&path, bytes).unwrap();
@@ -195,15 +204,9 @@ async fn a_waiting_reader_wakes_on_append() {
 #[test]
 fn a_truncated_sealed_segment_is_skipped_not_waited_on() {
     // Found by the journal_frame fuzz target: the reader used to wait forever for the rest.
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(config(dir.path())).unwrap();
-    let written: Vec<Captured> = (0..200).map(message).collect();
-    for chunk in written.chunks(5) {
-        journal.append(chunk).unwrap();
-    }
+    let (dir, journal, written) = spread_over_segments();
     // Cut the first sealed segment inside a record: its tail frame can never complete.
-    let first = list_segments(dir.path()).unwrap()[0];
-    let path = segment_path(dir.path(), first);
+    let path = first_segment(dir.path());
     let len = fs::metadata(&path).unwrap().len();
     OpenOptions::new()
         .write(true)
