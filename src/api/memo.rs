@@ -76,7 +76,8 @@ impl RangeMemo {
         if self.ttl.is_zero() || writes.touched_since(epoch, start, end) {
             return;
         }
-        let size = page.body.len() + key.len();
+        let key_len = key.len();
+        let size = page.body.len() + key_len;
         let mut inner = self.inner();
         if inner.0.len() >= MAX_PAGES || inner.1 + size > MAX_BYTES {
             inner.0.clear();
@@ -91,7 +92,7 @@ impl RangeMemo {
             at: Instant::now(),
         };
         if let Some(old) = inner.0.insert(key, kept) {
-            inner.1 -= old.page.body.len();
+            inner.1 -= old.page.body.len() + key_len;
         }
     }
 }
@@ -144,6 +145,23 @@ mod tests {
         writes.record(t(10), t(10));
         memo.keep("q".into(), t(0), t(100), epoch, page(b"[]"), &writes);
         assert!(memo.get("q", &writes).is_none());
+    }
+
+    #[test]
+    fn a_page_kept_again_is_counted_once() {
+        let writes = WriteLog::default();
+        let memo = RangeMemo::new(Duration::from_secs(60));
+        for _ in 0..3 {
+            memo.keep(
+                "q".into(),
+                t(0),
+                t(1),
+                writes.epoch(),
+                page(b"[1]"),
+                &writes,
+            );
+        }
+        assert_eq!(memo.inner().1, "q".len() + b"[1]".len());
     }
 
     #[test]

@@ -24,8 +24,19 @@ pub struct Memo {
 #[derive(Debug, Default)]
 struct Inner {
     entries: HashMap<String, (Bytes, Instant)>,
-    /// Bumped at every invalidation of a key.
+    /// The version each invalidated key got: a number no key had before.
     versions: HashMap<String, u64>,
+    /// The last version handed out.
+    counter: u64,
+    /// The version of a key not in `versions`: 0 at first, and after `versions` is cleared the
+    /// counter at that moment, so no read that began before the clear can match it.
+    floor: u64,
+}
+
+impl Inner {
+    fn version(&self, key: &str) -> u64 {
+        self.versions.get(key).copied().unwrap_or(self.floor)
+    }
 }
 
 impl Memo {
@@ -48,7 +59,7 @@ impl Memo {
         let inner = self.inner();
         match inner.entries.get(key) {
             Some((body, at)) if at.elapsed() < self.ttl => Ok(body.clone()),
-            _ => Err(inner.versions.get(key).copied().unwrap_or(0)),
+            _ => Err(inner.version(key)),
         }
     }
 
@@ -58,7 +69,7 @@ impl Memo {
             return;
         }
         let mut inner = self.inner();
-        if inner.versions.get(key).copied().unwrap_or(0) != version {
+        if inner.version(key) != version {
             return;
         }
         if inner.entries.len() >= MAX_ENTRIES {
@@ -72,13 +83,16 @@ impl Memo {
         let mut inner = self.inner();
         for key in keys {
             inner.entries.remove(key);
-            *inner.versions.entry(key.to_owned()).or_default() += 1;
+            inner.counter += 1;
+            let version = inner.counter;
+            inner.versions.insert(key.to_owned(), version);
         }
         if inner.versions.len() > MAX_ENTRIES * 4 {
-            // Versions only need to outlive reads in flight; dropping them all at once forces
-            // those reads to miss (version 0 may then match), so clear entries too.
+            // Versions only need to outlive reads in flight. Every key now has the floor, a
+            // version newer than any handed out, so reads under way will not be kept.
             inner.versions.clear();
             inner.entries.clear();
+            inner.floor = inner.counter;
         }
     }
 }
@@ -86,6 +100,21 @@ impl Memo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_that_raced_a_write_is_not_kept_even_when_the_versions_start_over() {
+        let memo = Memo::new(Duration::from_secs(60));
+        let version = memo.get("k").unwrap_err();
+        memo.invalidate(["k"]);
+        // Enough other keys written that the memo forgets every version, "k"'s included.
+        let others: Vec<String> = (0..=MAX_ENTRIES * 4).map(|i| format!("o{i}")).collect();
+        memo.invalidate(others.iter().map(String::as_str));
+        memo.keep("k", version, Bytes::from_static(b"old"));
+        assert!(
+            memo.get("k").is_err(),
+            "the read began before the write to k"
+        );
+    }
 
     #[test]
     fn a_read_that_raced_a_write_is_not_kept() {
