@@ -31,6 +31,7 @@ use crate::store::{Store, StoreConfig};
 pub struct Application {
     http_addr: SocketAddr,
     mqtt: Vec<(String, SocketAddr)>,
+    broker: EmbeddedBroker,
     journal: Journal,
     grace: Duration,
     /// Tasks that end when `intake` is cancelled: listeners, tap, simulator, repair, upkeep.
@@ -112,6 +113,11 @@ impl Application {
 
         let metrics = Arc::new(Metrics::default());
         let health = Arc::new(Health::new());
+        let cache_state = Arc::new(ingest::CacheState::new(&settings.journal_dir));
+        health.on_dirty({
+            let cache_state = Arc::clone(&cache_state);
+            Box::new(move || cache_state.mark_stale())
+        });
         let intake = CancellationToken::new();
         let mut services = JoinSet::new();
 
@@ -146,12 +152,14 @@ impl Application {
                 Arc::clone(&health),
                 Arc::clone(&metrics),
             );
+            let cache_state = Arc::clone(&cache_state);
             let stop = intake.clone();
             async move {
                 ingest::repair(
                     cache,
                     store,
                     health,
+                    cache_state,
                     metrics,
                     Duration::from_millis(500),
                     stop,
@@ -164,7 +172,11 @@ impl Application {
 
         let sink: CaptureSink = {
             let journal = journal.clone();
-            Arc::new(move |batch: &[Captured]| journal.append(batch).map_err(|e| e.to_string()))
+            Arc::new(move |batch: &[Captured]| {
+                journal
+                    .append(batch)
+                    .map_err(|e| broker::Refused(Box::new(e)))
+            })
         };
         let broker = EmbeddedBroker::start(
             broker_config,
@@ -220,6 +232,7 @@ impl Application {
         Ok(Self {
             http_addr,
             mqtt: broker.listeners().to_vec(),
+            broker,
             journal,
             grace,
             services,
@@ -275,6 +288,7 @@ impl Application {
         let end = self.journal.close();
         self.intake.cancel();
         while self.services.join_next().await.is_some() {}
+        self.broker.stop_connections();
 
         // 2. Drain into MongoDB, within the grace period.
         self.writer_stop.drain.cancel();

@@ -13,7 +13,7 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{Limits, Timestamp};
+use crate::domain::{Limits, NaiveZone, Timestamp};
 use crate::journal::FsyncPolicy;
 
 /// Every setting of `serve`, with its default.
@@ -60,6 +60,9 @@ pub struct Settings {
     pub earliest_timestamp: String,
     /// Readings timestamped more than this many seconds after their arrival are rejected.
     pub max_future_skew_secs: u64,
+    /// The zone of reading timestamps sent without an offset: "UTC" or an IANA name such as
+    /// "Europe/Berlin" (Python's `datetime.now().isoformat()` is the device's local time).
+    pub naive_timestamp_zone: String,
     /// Seconds SIGTERM/SIGINT may take to store what is in hand before the process exits.
     pub shutdown_grace_secs: u64,
     /// Milliseconds a latest-ten or range answer may be served again from memory. Writes
@@ -97,6 +100,7 @@ impl Default for Settings {
             max_topic_bytes: limits.max_topic_bytes,
             earliest_timestamp: limits.earliest.to_string(),
             max_future_skew_secs: u64::try_from(limits.max_future_skew_ms / 1000).unwrap_or(86_400),
+            naive_timestamp_zone: limits.naive_zone.name().to_owned(),
             shutdown_grace_secs: 10,
             read_cache_ms: 250,
             simulate: false,
@@ -193,6 +197,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_MAX_FUTURE_SKEW_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_future_skew_secs: Option<u64>,
+    /// Zone of reading timestamps without an offset: UTC or an IANA name [default: UTC]
+    #[arg(long, env = "SENSORHUB_NAIVE_TIMESTAMP_ZONE")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub naive_timestamp_zone: Option<String>,
     /// Seconds allowed to store what is in hand on SIGTERM/SIGINT [default: 10]
     #[arg(long, env = "SENSORHUB_SHUTDOWN_GRACE_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -290,6 +298,8 @@ impl Settings {
             earliest,
             max_future_skew_ms: i64::try_from(self.max_future_skew_secs.saturating_mul(1000))
                 .unwrap_or(i64::MAX),
+            naive_zone: NaiveZone::parse(&self.naive_timestamp_zone)
+                .map_err(|e| ConfigError::Invalid(format!("naive_timestamp_zone: {e}")))?,
         })
     }
 }
@@ -343,5 +353,9 @@ mod tests {
         assert!(bad(|s| s.journal_fsync = "sometimes".into()).contains("journal_fsync"));
         assert!(bad(|s| s.earliest_timestamp = "then".into()).contains("earliest_timestamp"));
         assert!(bad(|s| s.journal_max_bytes = 1).contains("journal_max_bytes"));
+        assert!(
+            bad(|s| s.naive_timestamp_zone = "Nowhere/Land".into())
+                .contains("naive_timestamp_zone")
+        );
     }
 }

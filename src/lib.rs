@@ -33,3 +33,15 @@ pub mod journal;
 pub mod metrics;
 pub mod simulator;
 pub mod store;
+
+/// An error with its causes, `outer: cause: root`, for the one log line that reports it.
+pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

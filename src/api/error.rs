@@ -30,7 +30,7 @@ impl<T: Payload + IntoResponse + Send> From<ApiError> for Reply<T> {
             ApiError::NotFound(message) => Reply::NotFound(body("not_found", message)),
             ApiError::Store(e) => {
                 // Logged once, here, with its cause; the client gets the sentence.
-                tracing::warn!(error = %e, "request failed on MongoDB");
+                tracing::warn!(error = crate::error_chain(&e), "request failed on MongoDB");
                 Reply::Unavailable(body("unavailable", e.to_string()))
             }
         }

@@ -22,7 +22,7 @@ use poem_openapi::payload::{Html, Json, PlainText};
 use poem_openapi::{OpenApi, OpenApiService};
 
 use crate::cache::{Cache, Health};
-use crate::domain::{Reading, Reason, SensorId, Timestamp, json_array};
+use crate::domain::{Kind, Reading, Reason, SensorId, Timestamp, json_array};
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{DeadLetterCursor, DeadLetterQuery, RangeCursor, RangeQuery, Store};
 pub use error::ApiError;
@@ -111,26 +111,36 @@ impl Api {
         end_date: Query<Option<String>>,
         /// Only this sensor's readings.
         sensor_id: Query<Option<String>>,
+        /// Only readings of this kind (the last level of their topic, e.g. temperature).
+        kind: Query<Option<String>>,
         /// Readings per page, 1 to 10000 (default 1000).
         limit: Query<Option<u32>>,
         /// Where the page starts: the opaque value from the previous page's `Link` header.
         cursor: Query<Option<String>>,
     ) -> Readings {
-        self.range_page(start_date.0, end_date.0, sensor_id.0, limit.0, cursor.0)
+        let filter = RangeFilter {
+            sensor_id: sensor_id.0,
+            kind: kind.0,
+        };
+        self.range_page(start_date.0, end_date.0, filter, limit.0, cursor.0)
             .await
             .unwrap_or_else(Reply::from)
     }
 
     /// The latest ten readings of one sensor
     ///
-    /// Newest first, by the sensor's own timestamps. Served from Redis; while Redis is down or
-    /// being rebuilt, from MongoDB (header `X-Sensorhub-Source: mongodb`). 404 when the sensor
-    /// has no readings.
+    /// Newest first, by the sensor's own timestamps, over all the kinds the sensor reports
+    /// (a device that measures temperature and humidity under one id has both; each reading
+    /// names its kind). With `kind`, the latest ten of that kind only. Served from Redis; while
+    /// Redis is down or being rebuilt, and for `kind`, from MongoDB (header
+    /// `X-Sensorhub-Source` says which). 404 when the sensor has no readings (of that kind).
     #[oai(path = "/latestten/:sensor_id", method = "get")]
     async fn latest_of_sensor(
         &self,
         /// The sensor's id.
         sensor_id: Path<String>,
+        /// Only readings of this kind (e.g. temperature).
+        kind: Query<Option<String>>,
     ) -> Readings {
         let id = match SensorId::parse(&sensor_id.0) {
             Ok(id) => id,
@@ -142,8 +152,19 @@ impl Api {
                 .into();
             }
         };
-        match self.latest(Some(&id)).await {
-            Ok((None, _)) => ApiError::NotFound(format!("no readings for sensor '{id}'")).into(),
+        let kind = match kind.0.as_deref().map(parse_kind).transpose() {
+            Ok(kind) => kind,
+            Err(e) => return e.into(),
+        };
+        let found = match &kind {
+            None => self.latest(Some(&id)).await,
+            Some(kind) => self.latest_of_kind(&id, kind).await,
+        };
+        match found {
+            Ok((None, _)) => {
+                let of_kind = kind.map(|k| format!(" of kind '{k}'")).unwrap_or_default();
+                ApiError::NotFound(format!("no readings{of_kind} for sensor '{id}'")).into()
+            }
             Ok((Some(body), source)) => {
                 Reply::Ok(RawJsonArray::from_bytes(body), None, Some(source.into()))
             }
@@ -178,7 +199,7 @@ impl Api {
                 let items = readings.map(|r| match r {
                     Ok(r) => Ok(Bytes::from(r.to_json())),
                     Err(e) => {
-                        tracing::warn!(error = %e, "/allData stream cut short");
+                        tracing::warn!(error = crate::error_chain(&e), "/allData stream cut short");
                         Err(std::io::Error::other(e))
                     }
                 });
@@ -251,15 +272,36 @@ impl Api {
                 // An empty set may only mean the cache has not caught up: ask MongoDB.
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "Redis read failed; answering from MongoDB");
+                    tracing::warn!(
+                        error = crate::error_chain(&e),
+                        "Redis read failed; answering from MongoDB"
+                    );
                     self.state.health.set_up(false);
                 }
             }
         }
+        self.latest_from_store(sensor, None).await
+    }
+
+    /// One kind of one sensor: Redis keeps a sensor's latest ten over all its kinds, so the
+    /// latest ten of one kind come from MongoDB's (sensor_id, timestamp, kind) index.
+    async fn latest_of_kind(
+        &self,
+        sensor: &SensorId,
+        kind: &Kind,
+    ) -> Result<(Option<Bytes>, &'static str), ApiError> {
+        self.latest_from_store(Some(sensor), Some(kind)).await
+    }
+
+    async fn latest_from_store(
+        &self,
+        sensor: Option<&SensorId>,
+        kind: Option<&Kind>,
+    ) -> Result<(Option<Bytes>, &'static str), ApiError> {
         let readings = self
             .state
             .store
-            .latest(sensor, crate::cache::LATEST as u32)
+            .latest(sensor, kind, crate::cache::LATEST as u32)
             .await?;
         let json: Vec<String> = readings.iter().map(Reading::to_json).collect();
         let body = (!json.is_empty()).then(|| Bytes::from(json_array(&json)));
@@ -270,7 +312,7 @@ impl Api {
         &self,
         start: Option<String>,
         end: Option<String>,
-        sensor_id: Option<String>,
+        filter: RangeFilter,
         limit: Option<u32>,
         cursor: Option<String>,
     ) -> Result<Readings, ApiError> {
@@ -283,7 +325,8 @@ impl Api {
                 "endDate ({end}) is before startDate ({start})"
             )));
         }
-        let sensor = sensor_id
+        let sensor = filter
+            .sensor_id
             .as_deref()
             .map(|id| {
                 SensorId::parse(id).map_err(|why| {
@@ -291,12 +334,14 @@ impl Api {
                 })
             })
             .transpose()?;
+        let kind = filter.kind.as_deref().map(parse_kind).transpose()?;
         let limit = page_limit(limit, DEFAULT_PAGE, MAX_PAGE)?;
         let after = cursor.as_deref().map(parse_range_cursor).transpose()?;
         // The same request gets the same page: key on what was asked, as it was written.
         let key = format!(
-            "{start_text}\u{0}{end_text}\u{0}{}\u{0}{limit}\u{0}{}",
+            "{start_text}\u{0}{end_text}\u{0}{}\u{0}{}\u{0}{limit}\u{0}{}",
             sensor.as_ref().map_or("", SensorId::as_str),
+            kind.as_ref().map_or("", Kind::as_str),
             cursor.as_deref().unwrap_or("")
         );
         let writes = self.state.store.writes();
@@ -315,14 +360,14 @@ impl Api {
                 start,
                 end,
                 sensor_id: sensor.clone(),
+                kind: kind.clone(),
                 after,
                 limit: limit + 1,
             })
             .await?;
         let link = (readings.len() > limit as usize).then(|| {
             readings.truncate(limit as usize);
-            let last = &readings[readings.len() - 1];
-            let cursor = format!("{}:{}", last.timestamp().as_millis(), last.sensor_id());
+            let cursor = range_cursor(&readings[readings.len() - 1]);
             let mut url = format!(
                 "/startoenddate?startDate={}&endDate={}&limit={limit}&cursor={}",
                 encode(&start_text),
@@ -331,6 +376,9 @@ impl Api {
             );
             if let Some(id) = &sensor {
                 url.push_str(&format!("&sensor_id={}", encode(id.as_str())));
+            }
+            if let Some(kind) = &kind {
+                url.push_str(&format!("&kind={}", encode(kind.as_str())));
             }
             format!("<{url}>; rel=\"next\"")
         });
@@ -425,13 +473,37 @@ fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiErro
     }
 }
 
+/// The filters of a range query, as the request wrote them.
+struct RangeFilter {
+    sensor_id: Option<String>,
+    kind: Option<String>,
+}
+
+fn parse_kind(text: &str) -> Result<Kind, ApiError> {
+    Kind::parse(text)
+        .map_err(|why| ApiError::BadRequest(format!("kind '{text}' is not valid: {why}")))
+}
+
+/// `<ms>:<kind, percent-encoded>:<sensor id>`: the kind is encoded so that it holds no `:`,
+/// and the sensor id, which may, comes last.
+fn range_cursor(last: &Reading) -> String {
+    format!(
+        "{}:{}:{}",
+        last.timestamp().as_millis(),
+        encode(last.kind().as_str()),
+        last.sensor_id()
+    )
+}
+
 fn parse_range_cursor(text: &str) -> Result<RangeCursor, ApiError> {
     let bad = || {
         ApiError::BadRequest(format!(
             "cursor '{text}' is not a cursor this endpoint returned"
         ))
     };
-    let (millis, id) = text.split_once(':').ok_or_else(bad)?;
+    let (millis, rest) = text.split_once(':').ok_or_else(bad)?;
+    let (kind, id) = rest.split_once(':').ok_or_else(bad)?;
+    let kind = decode_percent(kind).ok_or_else(bad)?;
     Ok(RangeCursor {
         timestamp: millis
             .parse()
@@ -439,7 +511,26 @@ fn parse_range_cursor(text: &str) -> Result<RangeCursor, ApiError> {
             .and_then(Timestamp::from_millis)
             .ok_or_else(bad)?,
         sensor_id: SensorId::parse(id).map_err(|_| bad())?,
+        kind: Kind::parse(&kind).map_err(|_| bad())?,
     })
+}
+
+/// The inverse of `encode`; `None` for a malformed escape or bytes that are not UTF-8.
+fn decode_percent(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters.
@@ -499,7 +590,7 @@ mod tests {
     fn reading_json_matches_its_documented_schema() {
         let r = Reading::new(
             SensorId::parse("t\"1").unwrap(),
-            crate::domain::Kind::parse("temperature").unwrap(),
+            Kind::parse("temperature").unwrap(),
             21.5,
             Timestamp::parse("2024-05-01T10:00:00.5Z").unwrap(),
         )
@@ -530,10 +621,21 @@ mod tests {
 
     #[test]
     fn range_cursors_round_trip_and_reject_junk() {
-        let c = parse_range_cursor("1714557600000:sensor:with:colons").unwrap();
+        let r = Reading::new(
+            SensorId::parse("sensor:with:colons").unwrap(),
+            Kind::parse("odd:kind ü").unwrap(),
+            1.0,
+            Timestamp::from_millis(1_714_557_600_000).unwrap(),
+        )
+        .unwrap();
+        let c = parse_range_cursor(&range_cursor(&r)).unwrap();
         assert_eq!(c.sensor_id.as_str(), "sensor:with:colons");
+        assert_eq!(c.kind.as_str(), "odd:kind ü");
         assert_eq!(c.timestamp.as_millis(), 1_714_557_600_000);
         assert!(parse_range_cursor("nope").is_err());
         assert!(parse_range_cursor("12:").is_err());
+        assert!(parse_range_cursor("12:temperature").is_err());
+        assert!(parse_range_cursor("12:%zz:s").is_err());
+        assert!(parse_range_cursor("12::s").is_err());
     }
 }

@@ -21,11 +21,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{self, Packet, Protocol};
 
-use crate::domain::{Captured, TOPIC_PREFIX, Timestamp};
+use crate::domain::{Captured, Timestamp, is_reading_topic};
 use crate::metrics::Metrics;
 
-/// Where captured messages go: returns `Err` with a reason when they cannot be kept.
-pub type CaptureSink = Arc<dyn Fn(&[Captured]) -> Result<(), String> + Send + Sync>;
+/// Where captured messages go: returns `Err` when they cannot be kept.
+pub type CaptureSink = Arc<dyn Fn(&[Captured]) -> Result<(), Refused> + Send + Sync>;
+
+/// Why the sink did not keep a batch: its own error, whole, for the one line that reports it.
+/// (The broker does not know the sink's type: it must not import the journal.)
+#[derive(Debug, thiserror::Error)]
+#[error("the local log did not take the batch")]
+pub struct Refused(#[source] pub Box<dyn std::error::Error + Send + Sync>);
 
 /// The keep-alive given to clients that asked for none: about 18 hours, with rumqttd's 1.5
 /// grace factor about 27, which is as close to "off" as its u16 seconds allow.
@@ -94,7 +100,7 @@ impl<P> Capture<P> {
                 self.aliases.insert(alias, topic.clone());
             }
         }
-        if !topic.starts_with(TOPIC_PREFIX.as_bytes()) {
+        if !is_reading_topic(&topic) {
             return;
         }
         // An empty retained publish deletes the retained message: a broker command, not a reading.
@@ -130,11 +136,11 @@ impl<P> Capture<P> {
                 self.metrics.captured.fetch_add(count, Ordering::Relaxed);
                 Ok(())
             }
-            Err(reason) => {
+            Err(refused) => {
                 self.metrics.refused.fetch_add(count, Ordering::Relaxed);
                 tracing::error!(
                     refused = count,
-                    %reason,
+                    reason = crate::error_chain(&refused),
                     "REFUSING readings: the local log did not take them; closing the \
                      publisher's connection unacknowledged so it sends them again"
                 );
@@ -281,7 +287,8 @@ mod tests {
 
     #[test]
     fn a_refused_batch_fails_the_connection() {
-        let sink: CaptureSink = Arc::new(|_: &[Captured]| Err("full".to_owned()));
+        let sink: CaptureSink =
+            Arc::new(|_: &[Captured]| Err(Refused(Box::new(std::io::Error::other("full")))));
         let metrics = Arc::new(Metrics::default());
         let mut codec = Capture::new(V4, sink, Arc::clone(&metrics), 1024);
         let mut stream = encode(Packet::Publish(

@@ -25,7 +25,7 @@ use rumqttd::{LinkType, Router, Server, ServerSettings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use capture::{Capture, CaptureSink};
+pub use capture::{Capture, CaptureSink, Refused};
 
 use crate::domain::TOPIC_PREFIX;
 use crate::metrics::Metrics;
@@ -49,6 +49,8 @@ pub enum BrokerError {
     },
     #[error("the broker's internal subscriber could not attach: {0}")]
     Link(String),
+    #[error("cannot start the threads of the MQTT connections")]
+    Runtime(#[source] std::io::Error),
     #[error("the MQTT listener {name} on {addr} did not come up: {message}")]
     Listener {
         name: String,
@@ -122,11 +124,19 @@ fn override_listen(
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     listeners: Vec<(String, SocketAddr)>,
+    /// Where the device connections run (see `start`).
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl EmbeddedBroker {
     /// Starts the router, attaches the tap, then opens the listeners. Returns once every
     /// listener accepts connections. Listener and tap tasks join `tasks`.
+    ///
+    /// The listeners, and the connection tasks rumqttd spawns from them, run on a runtime of
+    /// their own: the capture codec appends to the local log inside a connection task, which
+    /// blocks its thread on the disk (and, with `--journal-fsync always`, on `fdatasync`). On
+    /// the process's main runtime a slow disk would starve the HTTP API, the writer and the
+    /// Redis updater; here it only slows the devices that are waiting for that disk anyway.
     pub async fn start(
         config: rumqttd::Config,
         sink: CaptureSink,
@@ -173,6 +183,12 @@ impl EmbeddedBroker {
             Ok(())
         });
 
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(broker_threads())
+            .thread_name("mqtt-connections")
+            .enable_all()
+            .build()
+            .map_err(BrokerError::Runtime)?;
         let mut listeners = Vec::new();
         for (v5, settings) in servers {
             let name = settings.name.clone();
@@ -182,18 +198,30 @@ impl EmbeddedBroker {
             let metrics = Arc::clone(&metrics);
             let sink = Arc::clone(&sink);
             let listener_name = name.clone();
+            let serve = runtime.spawn(async move {
+                if v5 {
+                    let codec = Capture::new(V5, sink, metrics, max_payload_bytes);
+                    Server::new(settings, router_tx, codec)
+                        .start(LinkType::Remote)
+                        .await
+                } else {
+                    let codec = Capture::new(V4, sink, metrics, max_payload_bytes);
+                    Server::new(settings, router_tx, codec)
+                        .start(LinkType::Remote)
+                        .await
+                }
+            });
             tasks.spawn(async move {
+                let abort = serve.abort_handle();
                 let result = tokio::select! {
-                    result = async {
-                        if v5 {
-                            let codec = Capture::new(V5, sink, metrics, max_payload_bytes);
-                            Server::new(settings, router_tx, codec).start(LinkType::Remote).await
-                        } else {
-                            let codec = Capture::new(V4, sink, metrics, max_payload_bytes);
-                            Server::new(settings, router_tx, codec).start(LinkType::Remote).await
-                        }
-                    } => result,
-                    () = stop.cancelled() => return Ok(()),
+                    joined = serve => match joined {
+                        Ok(result) => result,
+                        Err(e) => anyhow::bail!("MQTT listener {listener_name} on {addr} panicked: {e}"),
+                    },
+                    () = stop.cancelled() => {
+                        abort.abort();
+                        return Ok(());
+                    }
                 };
                 match result {
                     Ok(()) => anyhow::bail!("MQTT listener {listener_name} on {addr} stopped"),
@@ -205,13 +233,36 @@ impl EmbeddedBroker {
         for (name, addr) in &listeners {
             wait_accepting(name, *addr).await?;
         }
-        Ok(Self { listeners })
+        Ok(Self {
+            listeners,
+            runtime: Some(runtime),
+        })
     }
 
     /// The listeners' names and addresses.
     pub fn listeners(&self) -> &[(String, SocketAddr)] {
         &self.listeners
     }
+
+    /// Ends the device connections without waiting for them (call after intake stopped).
+    pub fn stop_connections(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which async code must not do.
+        self.stop_connections();
+    }
+}
+
+/// Threads for device connections: one per core, at least two, so one connection waiting on
+/// the disk does not hold up the rest.
+fn broker_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
 }
 
 /// rumqttd only logs a listener that cannot bind; find out first, with a message that helps.

@@ -44,16 +44,10 @@ pub struct CacheConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("invalid REDIS_URL: {0}")]
-    Config(String),
-    #[error("Redis is unreachable: {0}")]
-    Unavailable(String),
-}
-
-impl From<fred::error::Error> for CacheError {
-    fn from(e: fred::error::Error) -> Self {
-        Self::Unavailable(e.to_string())
-    }
+    #[error("REDIS_URL is not a valid Redis connection string")]
+    Config(#[source] fred::error::Error),
+    #[error("Redis is unreachable or failed the command")]
+    Unavailable(#[from] fred::error::Error),
 }
 
 #[derive(Clone)]
@@ -83,7 +77,7 @@ pub struct Probe {
 impl Cache {
     /// Connects, failing fast when Redis is down; afterwards reconnects forever with backoff.
     pub async fn connect(config: &CacheConfig) -> Result<Self, CacheError> {
-        let redis = Config::from_url(&config.url).map_err(|e| CacheError::Config(e.to_string()))?;
+        let redis = Config::from_url(&config.url).map_err(CacheError::Config)?;
         let timeout = config.command_timeout;
         let client = Builder::from_config(redis)
             .with_connection_config(|c| {
@@ -95,7 +89,7 @@ impl Cache {
             .with_performance_config(|p| p.default_command_timeout = timeout)
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .build()
-            .map_err(|e| CacheError::Config(e.to_string()))?;
+            .map_err(CacheError::Config)?;
         // The connection task ends with the client; its result is the client's state.
         let _connection = client.init().await?;
         Ok(Self {
@@ -255,8 +249,9 @@ return #KEYS
 /// that must then go to MongoDB.
 ///
 /// Each mark carries a generation, so a rebuild that read MongoDB before a newer failure
-/// cannot clear the newer mark.
-#[derive(Debug, Default)]
+/// cannot clear the newer mark. A full rebuild walks the sensors in id order and records how
+/// far it got, so the sets already rebuilt are served again before the walk ends.
+#[derive(Default)]
 pub struct Health {
     /// Redis answered the last command or probe.
     up: AtomicBool,
@@ -267,6 +262,24 @@ pub struct Health {
     overall_dirty: AtomicU64,
     /// Redis lost data wholesale (restart, flush): every set is suspect (generation, 0 when clean).
     all_dirty: AtomicU64,
+    /// How far the running full rebuild got: the generation it covers and the last sensor id
+    /// whose set it rebuilt.
+    progress: Mutex<Option<(u64, SensorId)>>,
+    /// Set once `on_dirty` was told of an outstanding mark, cleared by `unflag`.
+    flagged: AtomicBool,
+    /// Told, once per clean-to-dirty change, that a mark exists: the owner persists that, so a
+    /// restart does not trust sets this process knew to be stale.
+    on_dirty: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health")
+            .field("up", &self.is_up())
+            .field("dirty", &self.dirty_count())
+            .field("all_dirty", &self.all_dirty.load(Ordering::Acquire))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Health {
@@ -277,6 +290,11 @@ impl Health {
         health
     }
 
+    /// Sets the hook told of the first mark after a clean state (once; later calls are ignored).
+    pub fn on_dirty(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_dirty.set(hook);
+    }
+
     fn next_generation(&self) -> u64 {
         self.generation.fetch_add(1, Ordering::AcqRel) + 1
     }
@@ -285,6 +303,21 @@ impl Health {
         self.dirty
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn progress(&self) -> MutexGuard<'_, Option<(u64, SensorId)>> {
+        self.progress
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// After the marks are in place: tells the hook if nobody told it since the last `unflag`.
+    fn flag(&self) {
+        if !self.flagged.swap(true, Ordering::AcqRel)
+            && let Some(hook) = self.on_dirty.get()
+        {
+            hook();
+        }
     }
 
     pub fn set_up(&self, up: bool) {
@@ -304,27 +337,52 @@ impl Health {
         }
         drop(dirty);
         self.overall_dirty.store(generation, Ordering::Release);
+        self.flag();
     }
 
     pub fn mark_all_dirty(&self) {
         let generation = self.next_generation();
         self.all_dirty.store(generation, Ordering::Release);
         self.overall_dirty.store(generation, Ordering::Release);
+        self.flag();
     }
 
     /// Whether the set of `sensor` (or the overall set) can be served from Redis now.
     pub fn serves(&self, sensor: Option<&SensorId>) -> bool {
-        if !self.is_up() || self.all_dirty.load(Ordering::Acquire) != 0 {
+        if !self.is_up() {
             return false;
         }
+        let all = self.all_dirty.load(Ordering::Acquire);
         match sensor {
-            Some(id) => !self.dirty().contains_key(id),
-            None => self.overall_dirty.load(Ordering::Acquire) == 0,
+            Some(id) => {
+                let rebuilt = all == 0
+                    || self
+                        .progress()
+                        .as_ref()
+                        .is_some_and(|(covers, upto)| *covers >= all && id <= upto);
+                rebuilt && !self.dirty().contains_key(id)
+            }
+            None => all == 0 && self.overall_dirty.load(Ordering::Acquire) == 0,
         }
     }
 
     pub fn dirty_count(&self) -> usize {
         self.dirty().len()
+    }
+
+    /// No mark of any kind is outstanding.
+    pub fn is_clean(&self) -> bool {
+        self.all_dirty.load(Ordering::Acquire) == 0
+            && self.overall_dirty.load(Ordering::Acquire) == 0
+            && self.dirty().is_empty()
+    }
+
+    /// Re-arms the hook, then says whether everything is clean. A mark that lands after this
+    /// call tells the hook again, so the owner may record "clean" only when this returns true
+    /// and no hook call can overtake that record (the owner serialises the two).
+    pub fn unflag(&self) -> bool {
+        self.flagged.store(false, Ordering::Release);
+        self.is_clean()
     }
 
     /// A snapshot of the repair work: (all-dirty generation, overall generation, up to `max`
@@ -346,6 +404,11 @@ impl Health {
     /// The current generation: a rebuild started now covers every mark up to it.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// A full rebuild that started at `generation` has rebuilt every set up to `upto`.
+    pub fn rebuilt_up_to(&self, generation: u64, upto: SensorId) {
+        *self.progress() = Some((generation, upto));
     }
 
     /// Clears a sensor's mark if no newer mark came in since `generation`.
@@ -374,6 +437,7 @@ impl Health {
             .is_ok();
         if cleared {
             self.dirty().retain(|_, g| *g > generation);
+            *self.progress() = None;
         }
     }
 }
@@ -419,6 +483,59 @@ mod tests {
         h.clear_sensor(a.sensor_id(), h.generation());
         assert!(h.serves(Some(a.sensor_id())));
         assert!(h.serves(Some(reading("b").sensor_id())));
+    }
+
+    #[test]
+    fn a_full_rebuild_serves_what_it_has_walked() {
+        let h = Health::new();
+        h.set_up(true);
+        h.mark_all_dirty();
+        let started = h.generation();
+        let (a, m, z) = (reading("a"), reading("m"), reading("z"));
+        assert!(!h.serves(Some(a.sensor_id())));
+        h.rebuilt_up_to(started, m.sensor_id().clone());
+        assert!(h.serves(Some(a.sensor_id())));
+        assert!(h.serves(Some(m.sensor_id())));
+        assert!(!h.serves(Some(z.sensor_id())), "not walked yet");
+        assert!(!h.serves(None), "the overall set waits for the end");
+        // Redis lost its data again: the walk so far no longer counts.
+        h.mark_all_dirty();
+        assert!(!h.serves(Some(a.sensor_id())));
+        h.clear_all(started);
+        assert!(
+            !h.serves(Some(a.sensor_id())),
+            "an older rebuild clears nothing newer"
+        );
+        h.clear_all(h.generation());
+        h.clear_overall(h.generation());
+        assert!(h.serves(Some(z.sensor_id())) && h.serves(None));
+    }
+
+    #[test]
+    fn the_hook_hears_of_each_change_from_clean_to_dirty_once() {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+        let h = Health::new();
+        let told = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&told);
+        h.on_dirty(Box::new(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }));
+        let a = reading("a");
+        h.mark_dirty([&a]);
+        assert_eq!(told.load(Ordering::Relaxed), 0, "flagged already by new()");
+        assert!(!h.unflag(), "still dirty");
+        h.mark_dirty([&a]);
+        assert_eq!(told.load(Ordering::Relaxed), 1);
+        h.mark_dirty([&a]);
+        assert_eq!(told.load(Ordering::Relaxed), 1, "once per change");
+        let g = h.generation();
+        h.clear_all(g);
+        h.clear_overall(g);
+        h.clear_sensor(a.sensor_id(), g);
+        assert!(h.unflag(), "clean");
+        h.mark_dirty([&a]);
+        assert_eq!(told.load(Ordering::Relaxed), 2);
     }
 
     #[test]

@@ -13,10 +13,19 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{Kind, Reading, SensorId, Timestamp};
+use super::{Kind, NaiveZone, Reading, SensorId, Timestamp};
 
 /// The topic level every reading is published under: `sensors/<kind>`.
 pub const TOPIC_PREFIX: &str = "sensors/";
+/// Whether a message on `topic` belongs to the reading pipeline: everything the subscription
+/// `sensors/#` matches, which in MQTT includes the parent level `sensors` itself. Such a
+/// message is captured and judged, so one that is not a reading becomes a dead letter instead
+/// of vanishing.
+pub fn is_reading_topic(topic: &[u8]) -> bool {
+    let parent = &TOPIC_PREFIX.as_bytes()[..TOPIC_PREFIX.len() - 1];
+    topic == parent || topic.starts_with(TOPIC_PREFIX.as_bytes())
+}
+
 /// How many bytes of a rejected payload are kept with its dead letter.
 pub const DEAD_LETTER_RAW_BYTES: usize = 4096;
 
@@ -66,6 +75,8 @@ pub struct Limits {
     pub earliest: Timestamp,
     /// Readings timestamped more than this after their capture are rejected.
     pub max_future_skew_ms: i64,
+    /// The zone of timestamps sent without an offset.
+    pub naive_zone: NaiveZone,
 }
 
 impl Default for Limits {
@@ -77,6 +88,7 @@ impl Default for Limits {
             // the zero dates of misconfigured device clocks.
             earliest: Timestamp::from_millis(946_684_800_000).unwrap_or_else(Timestamp::now),
             max_future_skew_ms: 24 * 3600 * 1000,
+            naive_zone: NaiveZone::UTC,
         }
     }
 }
@@ -239,7 +251,7 @@ pub fn decode(message: &Captured, limits: &Limits) -> Result<Reading, Rejection>
     })?;
     let value = number(value)?;
     let timestamp = json_string(timestamp, "timestamp")?;
-    let timestamp = Timestamp::parse(&timestamp)
+    let timestamp = Timestamp::parse_in(&timestamp, &limits.naive_zone)
         .map_err(|e| reject(Reason::TimestampInvalid, format!("timestamp {e}")))?;
     let latest = message
         .received_at
@@ -268,6 +280,15 @@ fn kind_of(topic: &[u8], limits: &Limits) -> Result<Kind, Rejection> {
                 "the topic is {} bytes, the limit is {}",
                 topic.len(),
                 limits.max_topic_bytes
+            ),
+        ));
+    }
+    if is_reading_topic(topic.as_bytes()) && !topic.starts_with(TOPIC_PREFIX) {
+        return Err(reject(
+            Reason::TopicInvalid,
+            format!(
+                "topic '{topic}' names no kind: publish to {TOPIC_PREFIX}<kind>, such as \
+                 sensors/temperature"
             ),
         ));
     }
@@ -536,6 +557,11 @@ mod tests {
                 Reason::TopicInvalid,
             ),
             (
+                "sensors",
+                br#"{"sensor_id":"a","value":1,"timestamp":"2024-01-01"}"#,
+                Reason::TopicInvalid,
+            ),
+            (
                 "other/temperature",
                 br#"{"sensor_id":"a","value":1,"timestamp":"2024-01-01"}"#,
                 Reason::TopicInvalid,
@@ -602,6 +628,32 @@ mod tests {
             ),
             Reason::TopicInvalid
         );
+    }
+
+    #[test]
+    fn naive_timestamps_are_read_in_the_configured_zone() {
+        let limits = Limits {
+            naive_zone: NaiveZone::parse("Europe/Berlin").unwrap(),
+            ..Limits::default()
+        };
+        let message = captured(
+            "sensors/t",
+            br#"{"sensor_id":"a","value":1,"timestamp":"2024-05-01T12:00:00.250"}"#,
+        );
+        let r = decode(&message, &limits).unwrap();
+        assert_eq!(r.timestamp().to_string(), "2024-05-01T10:00:00.250Z");
+        let r = decode(&message, &Limits::default()).unwrap();
+        assert_eq!(r.timestamp().to_string(), "2024-05-01T12:00:00.250Z");
+    }
+
+    #[test]
+    fn everything_sensors_hash_matches_is_judged() {
+        assert!(is_reading_topic(b"sensors"));
+        assert!(is_reading_topic(b"sensors/temperature"));
+        assert!(is_reading_topic(b"sensors/"));
+        assert!(!is_reading_topic(b"sensorsx"));
+        assert!(!is_reading_topic(b"sensor"));
+        assert!(!is_reading_topic(b"other/sensors"));
     }
 
     #[test]

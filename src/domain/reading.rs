@@ -48,6 +48,12 @@ impl Kind {
     }
 }
 
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 fn check_name(text: &str, max_bytes: usize) -> Result<(), String> {
     if text.is_empty() {
         return Err("it is empty".to_owned());
@@ -126,10 +132,29 @@ impl Reading {
         serde_json::to_string(&json).unwrap_or_default()
     }
 
-    /// The reading's identity: one sensor has at most one reading per millisecond, so a
-    /// redelivery or a replay of it maps to the same key and is stored once.
+    /// The reading's identity, `<sensor id>|<kind>|<ms>`: a sensor has at most one reading of
+    /// each kind per millisecond, so a redelivery or a replay maps to the same key and is stored
+    /// once, while one device's temperature, humidity and pressure taken at one instant are
+    /// three readings. `%` and `|` inside the id and kind are percent-escaped, so no two
+    /// identities share a key (`a|b` + `c` and `a` + `b|c` would otherwise collide).
     pub fn key(&self) -> String {
-        format!("{}|{}", self.sensor_id, self.timestamp.as_millis())
+        let mut key = String::with_capacity(self.sensor_id.0.len() + self.kind.0.len() + 16);
+        escape_into(&mut key, self.sensor_id.as_str());
+        key.push('|');
+        escape_into(&mut key, self.kind.as_str());
+        key.push('|');
+        key.push_str(&self.timestamp.as_millis().to_string());
+        key
+    }
+}
+
+fn escape_into(out: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '|' => out.push_str("%7C"),
+            c => out.push(c),
+        }
     }
 }
 
@@ -173,6 +198,29 @@ mod tests {
     }
 
     #[test]
+    fn identity_is_sensor_kind_and_millisecond() {
+        let at = Timestamp::from_millis(1_700_000_000_123).unwrap();
+        let key = |id: &str, kind: &str| {
+            Reading::new(
+                SensorId::parse(id).unwrap(),
+                Kind::parse(kind).unwrap(),
+                1.0,
+                at,
+            )
+            .unwrap()
+            .key()
+        };
+        assert_eq!(
+            key("bme-1", "temperature"),
+            "bme-1|temperature|1700000000123"
+        );
+        assert_ne!(key("bme-1", "temperature"), key("bme-1", "humidity"));
+        assert_ne!(key("a|b", "c"), key("a", "b|c"));
+        assert_ne!(key("a%7Cb", "c"), key("a|b", "c"));
+        assert_eq!(key("50%|x", "k"), "50%25%7Cx|k|1700000000123");
+    }
+
+    #[test]
     fn non_finite_values_are_not_readings() {
         let id = SensorId::parse("s").unwrap();
         let kind = Kind::parse("k").unwrap();
@@ -181,7 +229,7 @@ mod tests {
             assert!(Reading::new(id.clone(), kind.clone(), v, at).is_none());
         }
         let r = Reading::new(id, kind, -0.5, at).unwrap();
-        assert_eq!(r.key(), "s|0");
+        assert_eq!(r.key(), "s|k|0");
         assert_eq!(json_array::<&str>(&[]), b"[]");
         assert_eq!(json_array(&["1", "{}"]), b"[1,{}]");
         assert_eq!(

@@ -1,8 +1,10 @@
 //! Instants as sensorhub stores them: UTC, millisecond precision, the unit of BSON Date.
 //!
 //! Parsing accepts what devices and people actually send: RFC 3339 with an offset, and the naive
-//! ISO 8601 form of Python's `datetime.isoformat()`, which is read as UTC. Anything finer than a
-//! millisecond is truncated (floored), so a reading and its replay always map to the same instant.
+//! ISO 8601 form of Python's `datetime.isoformat()`, which is read as UTC unless a `NaiveZone`
+//! says in which zone such devices keep their clocks (`datetime.now()` is local time). Anything
+//! finer than a millisecond is truncated (floored), so a reading and its replay always map to
+//! the same instant.
 
 use std::fmt;
 
@@ -57,7 +59,91 @@ impl Timestamp {
     /// Parses RFC 3339 (`2024-05-01T12:00:00.5+02:00`, `...Z`), naive ISO 8601 read as UTC
     /// (`2024-05-01T12:00:00.123456`, with `T` or a space), and a bare date (midnight UTC).
     pub fn parse(text: &str) -> Result<Self, TimestampError> {
-        Parser::new(text).timestamp()
+        Parser::new(text).timestamp(&NaiveZone::UTC)
+    }
+
+    /// Like `parse`, but a time without an offset (and a bare date) is local time in `zone`.
+    pub fn parse_in(text: &str, zone: &NaiveZone) -> Result<Self, TimestampError> {
+        Parser::new(text).timestamp(zone)
+    }
+}
+
+/// The zone in which a timestamp without an offset is read: UTC, or an IANA zone such as
+/// `Europe/Berlin`, daylight-saving time included. A local time that a clock change skips
+/// (spring forward) is read as if the clock had not changed yet, and one that occurs twice
+/// (fall back) as its first occurrence: the "compatible" rule of RFC 5545 and Temporal.
+#[derive(Clone, Debug)]
+pub struct NaiveZone {
+    name: String,
+    zone: Option<jiff::tz::TimeZone>,
+}
+
+impl NaiveZone {
+    pub const UTC: NaiveZone = NaiveZone {
+        name: String::new(),
+        zone: None,
+    };
+
+    /// `UTC` (or `Z`), or an IANA zone name.
+    pub fn parse(name: &str) -> Result<Self, TimestampError> {
+        let name = name.trim();
+        if name.is_empty() || name.eq_ignore_ascii_case("utc") || name == "Z" {
+            return Ok(Self::UTC);
+        }
+        let zone = jiff::tz::TimeZone::get(name).map_err(|e| {
+            TimestampError(format!(
+                "'{name}' is not a time zone ({e}); use UTC or an IANA name such as Europe/Berlin"
+            ))
+        })?;
+        Ok(Self {
+            name: name.to_owned(),
+            zone: Some(zone),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        if self.zone.is_none() {
+            "UTC"
+        } else {
+            &self.name
+        }
+    }
+
+    fn resolve(&self, date: Date, time: Time) -> Option<OffsetDateTime> {
+        let Some(zone) = &self.zone else {
+            return Some(date.with_time(time).assume_offset(UtcOffset::UTC));
+        };
+        let civil = jiff::civil::DateTime::new(
+            i16::try_from(date.year()).ok()?,
+            i8::try_from(u8::from(date.month())).ok()?,
+            i8::try_from(date.day()).ok()?,
+            i8::try_from(time.hour()).ok()?,
+            i8::try_from(time.minute()).ok()?,
+            i8::try_from(time.second()).ok()?,
+            i32::try_from(time.nanosecond()).ok()?,
+        )
+        .ok()?;
+        // The instant, not just the offset: in a gap the civil time itself moves forward.
+        let instant = zone
+            .to_ambiguous_zoned_datetime(civil)
+            .compatible()
+            .ok()?
+            .timestamp();
+        OffsetDateTime::from_unix_timestamp_nanos(instant.as_nanosecond()).ok()
+    }
+}
+
+impl PartialEq for NaiveZone {
+    fn eq(&self, other: &Self) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for NaiveZone {}
+
+impl Default for NaiveZone {
+    fn default() -> Self {
+        Self::UTC
     }
 }
 
@@ -142,7 +228,7 @@ impl<'a> Parser<'a> {
         self.bytes.get(self.pos).copied()
     }
 
-    fn timestamp(mut self) -> Result<Timestamp, TimestampError> {
+    fn timestamp(mut self, zone: &NaiveZone) -> Result<Timestamp, TimestampError> {
         let text = self.text.trim();
         if text.is_empty() {
             return Err(self.fail("it is empty"));
@@ -166,7 +252,7 @@ impl<'a> Parser<'a> {
             .ok_or_else(|| self.fail("that day does not exist"))?;
 
         let mut time = Time::MIDNIGHT;
-        let mut offset = UtcOffset::UTC;
+        let mut offset = None;
         if let Some(b'T' | b't' | b' ') = self.peek() {
             self.pos += 1;
             time = self.time_of_day()?;
@@ -175,7 +261,12 @@ impl<'a> Parser<'a> {
         if self.pos != self.bytes.len() {
             return Err(self.fail("unexpected text after the time"));
         }
-        let at = date.with_time(time).assume_offset(offset);
+        let at = match offset {
+            Some(offset) => date.with_time(time).assume_offset(offset),
+            None => zone
+                .resolve(date, time)
+                .ok_or_else(|| self.fail("it lies outside the range of the time zone database"))?,
+        };
         Timestamp::from_millis(Timestamp::from_datetime(at).0)
             .filter(|_| (0..=9999).contains(&at.to_offset(UtcOffset::UTC).year()))
             .ok_or_else(|| self.fail("it lies outside years 0000 to 9999"))
@@ -221,12 +312,13 @@ impl<'a> Parser<'a> {
             .map_err(|_| self.fail("the time of day is out of range"))
     }
 
-    fn offset(&mut self) -> Result<UtcOffset, TimestampError> {
+    /// The offset, `None` when the time is naive.
+    fn offset(&mut self) -> Result<Option<UtcOffset>, TimestampError> {
         match self.peek() {
-            None => Ok(UtcOffset::UTC),
+            None => Ok(None),
             Some(b'Z' | b'z') => {
                 self.pos += 1;
-                Ok(UtcOffset::UTC)
+                Ok(Some(UtcOffset::UTC))
             }
             Some(sign @ (b'+' | b'-')) => {
                 self.pos += 1;
@@ -244,6 +336,7 @@ impl<'a> Parser<'a> {
                 let seconds = i32::try_from(hours * 3600 + minutes * 60).unwrap_or(0);
                 let seconds = if sign == b'-' { -seconds } else { seconds };
                 UtcOffset::from_whole_seconds(seconds)
+                    .map(Some)
                     .map_err(|_| self.fail("the offset is out of range"))
             }
             Some(_) => Err(self.fail("expected an offset (Z, +hh:mm or -hh:mm) or the end")),
@@ -283,6 +376,26 @@ mod tests {
         );
         assert_eq!(ms("2024-05-01"), ms("2024-05-01T00:00:00Z"));
         assert_eq!(ms("2024-05-01T10:00"), ms("2024-05-01T10:00:00Z"));
+    }
+
+    #[test]
+    fn naive_times_can_be_local_to_a_zone() {
+        let berlin = NaiveZone::parse("Europe/Berlin").unwrap();
+        let at = |text: &str| Timestamp::parse_in(text, &berlin).unwrap().as_millis();
+        // Summer (UTC+2) and winter (UTC+1).
+        assert_eq!(at("2024-07-01T12:00:00"), ms("2024-07-01T10:00:00Z"));
+        assert_eq!(at("2024-01-15T12:00:00.5"), ms("2024-01-15T11:00:00.5Z"));
+        assert_eq!(at("2024-01-15"), ms("2024-01-14T23:00:00Z"));
+        // An explicit offset is never reinterpreted.
+        assert_eq!(at("2024-07-01T12:00:00Z"), ms("2024-07-01T12:00:00Z"));
+        // 2024-03-31 02:30 does not exist in Berlin; 2024-10-27 02:30 occurs twice.
+        assert_eq!(at("2024-03-31T02:30:00"), ms("2024-03-31T01:30:00Z"));
+        assert_eq!(at("2024-10-27T02:30:00"), ms("2024-10-27T00:30:00Z"));
+        assert_eq!(NaiveZone::parse("utc").unwrap(), NaiveZone::UTC);
+        assert_eq!(berlin.name(), "Europe/Berlin");
+        assert!(NaiveZone::parse("Mars/Olympus").is_err());
+        let utc = Timestamp::parse_in("2024-07-01T12:00:00", &NaiveZone::UTC).unwrap();
+        assert_eq!(utc.as_millis(), ms("2024-07-01T12:00:00Z"));
     }
 
     #[test]

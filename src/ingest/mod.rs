@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -280,9 +281,7 @@ where
         let error = match tokio::time::timeout(WRITE_TIMEOUT, write()).await {
             Ok(Ok(done)) => return Some(done),
             Ok(Err(e)) => e,
-            Err(_) => {
-                StoreError::Unavailable(format!("no answer within {} s", WRITE_TIMEOUT.as_secs()))
-            }
+            Err(_) => StoreError::TimedOut(WRITE_TIMEOUT),
         };
         metrics.store_errors.fetch_add(1, Ordering::Relaxed);
         backoff.log(&error, journal.pending_bytes());
@@ -304,10 +303,10 @@ impl Backoff {
         Duration::from_millis(50u64.saturating_mul(1 << self.failures.min(6)).min(2_000))
     }
 
-    fn log(&self, error: &dyn std::fmt::Display, pending_bytes: u64) {
+    fn log(&self, error: &(dyn std::error::Error + 'static), pending_bytes: u64) {
         if self.failures.is_multiple_of(10) {
             tracing::error!(
-                %error,
+                error = crate::error_chain(error),
                 attempt = self.failures + 1,
                 pending_bytes,
                 "MongoDB write failed; readings stay in the local log and are retried"
@@ -344,46 +343,148 @@ pub async fn cache_updater(
             metrics.cache_errors.fetch_add(1, Ordering::Relaxed);
             health.set_up(false);
             health.mark_dirty(&pending);
-            tracing::warn!(error = %e, "Redis update failed; latest sets will be rebuilt from MongoDB");
+            tracing::warn!(
+                error = crate::error_chain(&e),
+                "Redis update failed; latest sets will be rebuilt from MongoDB"
+            );
         }
         pending.clear();
     }
 }
 
+/// What this process knew of Redis, kept in a file beside the local log so that a restart can
+/// trust a Redis that kept its data: Redis's run id when last seen, and whether any set was
+/// stale. Written without fsync: it guards against a process restart, and a machine that lost
+/// power also restarted Redis (a new run id).
+#[derive(Debug)]
+pub struct CacheState {
+    path: std::path::PathBuf,
+    /// (run id, stale) as last written; the lock also orders "stale" against "clean".
+    written: std::sync::Mutex<(String, bool)>,
+}
+
+impl CacheState {
+    pub fn new(dir: &std::path::Path) -> Self {
+        Self {
+            path: dir.join("cache-state"),
+            written: std::sync::Mutex::new((String::new(), true)),
+        }
+    }
+
+    /// The run id and staleness recorded by the previous run, if it left a record.
+    pub fn previous(&self) -> Option<(String, bool)> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        let mut lines = text.lines();
+        let run_id = lines.next()?.trim().to_owned();
+        let stale = lines.next()?.trim() != "clean";
+        Some((run_id, stale))
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, (String, bool)> {
+        self.written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self, state: &mut (String, bool), run_id: Option<&str>, stale: bool) {
+        let run_id = run_id.unwrap_or(&state.0).to_owned();
+        if state.0 == run_id && state.1 == stale {
+            return;
+        }
+        let tmp = self.path.with_extension("tmp");
+        let text = format!("{run_id}\n{}\n", if stale { "stale" } else { "clean" });
+        match std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.path)) {
+            Ok(()) => *state = (run_id, stale),
+            Err(e) => tracing::warn!(
+                error = %e,
+                path = %self.path.display(),
+                "cannot record the Redis cache state; the next start rebuilds every set"
+            ),
+        }
+    }
+
+    /// Some set is stale: a restart must not trust Redis until it was rebuilt.
+    pub fn mark_stale(&self) {
+        let mut state = self.written();
+        self.write(&mut state, None, true);
+    }
+
+    /// Records Redis's run id, and "clean" when `health` has no mark left.
+    fn settle(&self, run_id: &str, health: &Health) {
+        let mut state = self.written();
+        let clean = health.unflag();
+        self.write(&mut state, Some(run_id), !clean);
+    }
+}
+
 /// Keeps Redis honest: every `every`, checks whether it restarted or was flushed, and rebuilds
 /// from MongoDB the sets marked stale. Runs until `stop`.
+///
+/// At start every set counts as stale until the first probe. A Redis that still holds the
+/// marker, with the run id the previous run recorded and no stale set recorded, is trusted:
+/// only the sensors the log's replay touches are rebuilt. Otherwise every set is.
 pub async fn repair(
     cache: Cache,
     store: Store,
     health: Arc<Health>,
+    state: Arc<CacheState>,
     metrics: Arc<Metrics>,
     every: Duration,
     stop: CancellationToken,
 ) {
+    let previous = state.previous();
+    let started = health.generation();
     let mut known_run_id: Option<String> = None;
     loop {
         match cache.probe().await {
             Ok(probe) => {
-                let restarted = known_run_id.as_ref().is_some_and(|id| *id != probe.run_id);
-                if restarted || !probe.marked {
-                    if known_run_id.is_some() {
+                match &known_run_id {
+                    None => {
+                        let trusted = probe.marked
+                            && previous
+                                .as_ref()
+                                .is_some_and(|(id, stale)| *id == probe.run_id && !stale);
+                        if trusted {
+                            health.clear_all(started);
+                            health.clear_overall(started);
+                        } else {
+                            tracing::info!(
+                                marker = probe.marked,
+                                recorded = previous.is_some(),
+                                "Redis may not hold what MongoDB does; rebuilding every latest set"
+                            );
+                        }
+                    }
+                    Some(id) if *id != probe.run_id || !probe.marked => {
                         tracing::warn!(
-                            restarted,
+                            restarted = *id != probe.run_id,
                             flushed = !probe.marked,
                             "Redis lost its data; rebuilding every latest set from MongoDB"
                         );
+                        health.mark_all_dirty();
                     }
-                    health.mark_all_dirty();
+                    Some(_) if !probe.marked => health.mark_all_dirty(),
+                    Some(_) => {}
                 }
-                known_run_id = Some(probe.run_id);
+                known_run_id = Some(probe.run_id.clone());
                 health.set_up(true);
                 if let Err(e) = rebuild_stale(&cache, &store, &health, &metrics).await {
-                    tracing::warn!(error = %e, "rebuilding Redis latest sets failed; will retry");
+                    tracing::warn!(
+                        error = crate::error_chain(&*e),
+                        "rebuilding Redis latest sets failed; will retry"
+                    );
                 }
+                let state = Arc::clone(&state);
+                let health = Arc::clone(&health);
+                let run_id = probe.run_id;
+                let _ = tokio::task::spawn_blocking(move || state.settle(&run_id, &health)).await;
             }
             Err(e) => {
                 if health.is_up() {
-                    tracing::warn!(error = %e, "Redis is down; latest-ten reads go to MongoDB");
+                    tracing::warn!(
+                        error = crate::error_chain(&e),
+                        "Redis is down; latest-ten reads go to MongoDB"
+                    );
                 }
                 health.set_up(false);
             }
@@ -395,29 +496,47 @@ pub async fn repair(
     }
 }
 
+/// Sensors whose sets a full rebuild takes from MongoDB in one step.
+const REBUILD_STEP: u32 = 1000;
+/// Sets rebuilt concurrently.
+const REBUILD_CONCURRENCY: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+enum RebuildError {
+    #[error("reading MongoDB failed")]
+    Store(#[from] StoreError),
+    #[error("writing Redis failed")]
+    Cache(#[from] crate::cache::CacheError),
+}
+
 async fn rebuild_stale(
     cache: &Cache,
     store: &Store,
     health: &Health,
     metrics: &Metrics,
-) -> anyhow::Result<()> {
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (all, overall, _) = health.pending(0);
     if all != 0 {
         let generation = health.generation();
-        let sensors = store.sensor_ids().await?;
-        for id in &sensors {
-            rebuild_sensor(cache, store, id).await?;
+        let mut after: Option<SensorId> = None;
+        let mut rebuilt = 0;
+        loop {
+            let step = store.sensor_ids_after(after.as_ref(), REBUILD_STEP).await?;
+            let Some(last) = step.last().cloned() else {
+                break;
+            };
+            rebuild_sensors(cache, store, &step).await?;
+            rebuilt += step.len();
+            metrics
+                .cache_rebuilds
+                .fetch_add(step.len() as u64, Ordering::Relaxed);
+            health.rebuilt_up_to(generation, last.clone());
+            after = Some(last);
         }
-        metrics
-            .cache_rebuilds
-            .fetch_add(sensors.len() as u64, Ordering::Relaxed);
         // Marked only now: a crash midway leaves the marker absent and the rebuild redone.
         cache.mark().await?;
         health.clear_all(generation);
-        tracing::info!(
-            sensors = sensors.len(),
-            "Redis latest sets rebuilt from MongoDB"
-        );
+        tracing::info!(sensors = rebuilt, "Redis latest sets rebuilt from MongoDB");
     }
     loop {
         let generation = health.generation();
@@ -425,26 +544,41 @@ async fn rebuild_stale(
         if sensors.is_empty() {
             break;
         }
-        for (id, _) in &sensors {
-            rebuild_sensor(cache, store, id).await?;
+        let ids: Vec<SensorId> = sensors.into_iter().map(|(id, _)| id).collect();
+        rebuild_sensors(cache, store, &ids).await?;
+        for id in &ids {
             health.clear_sensor(id, generation);
         }
         metrics
             .cache_rebuilds
-            .fetch_add(sensors.len() as u64, Ordering::Relaxed);
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
     }
     if overall != 0 || all != 0 {
         let generation = health.generation();
-        let latest = store.latest(None, LATEST as u32).await?;
+        let latest = store.latest(None, None, LATEST as u32).await?;
         cache.rebuild(None, &latest).await?;
         health.clear_overall(generation);
     }
     Ok(())
 }
 
-/// Merges the sensor's latest ten from MongoDB into its Redis set.
-async fn rebuild_sensor(cache: &Cache, store: &Store, id: &SensorId) -> anyhow::Result<()> {
-    let latest = store.latest(Some(id), LATEST as u32).await?;
-    cache.rebuild(Some(id), &latest).await?;
-    Ok(())
+/// Merges each sensor's latest ten from MongoDB into its Redis set, a few at a time.
+async fn rebuild_sensors(
+    cache: &Cache,
+    store: &Store,
+    ids: &[SensorId],
+) -> Result<(), RebuildError> {
+    // Owned futures: borrowed ones make the repair task's future not provably `Send`.
+    let rebuilds = ids.iter().cloned().map(|id| {
+        let (cache, store) = (cache.clone(), store.clone());
+        async move {
+            let latest = store.latest(Some(&id), None, LATEST as u32).await?;
+            cache.rebuild(Some(&id), &latest).await?;
+            Ok::<_, RebuildError>(())
+        }
+    });
+    futures_util::stream::iter(rebuilds)
+        .buffer_unordered(REBUILD_CONCURRENCY)
+        .try_collect::<()>()
+        .await
 }

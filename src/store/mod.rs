@@ -1,7 +1,7 @@
 //! MongoDB: the full history of readings and the dead letters.
 //!
 //! The only module that speaks BSON. Readings go in as batches (`insert_many`, unordered) under a
-//! deterministic `_id` (sensor id and millisecond), so a redelivery or a replay is a duplicate-key
+//! deterministic `_id` (sensor id, kind and millisecond), so a redelivery or a replay is a duplicate-key
 //! error, counted as success. Everything that comes out is a `domain` type; documents never
 //! leave this module. It must not decide anything about readings (that is `domain`) nor retry
 //! (that is the caller's policy).
@@ -36,31 +36,47 @@ pub struct StoreConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("MongoDB is unreachable: {0}")]
-    Unavailable(String),
-    #[error("MongoDB refused the operation: {0}")]
-    Failed(String),
+    #[error("MONGODB_URI is not a valid MongoDB connection string")]
+    InvalidUri(#[source] MongoError),
+    #[error("MongoDB is unreachable")]
+    Unavailable(#[source] MongoError),
+    #[error("MongoDB gave no answer within {} s", .0.as_secs())]
+    TimedOut(Duration),
+    #[error("MongoDB refused the operation")]
+    Failed(#[source] MongoError),
 }
 
 impl StoreError {
-    fn from_mongo(e: &MongoError) -> Self {
-        match e.kind.as_ref() {
-            ErrorKind::Io(_)
-            | ErrorKind::ServerSelection { .. }
-            | ErrorKind::ConnectionPoolCleared { .. }
-            | ErrorKind::DnsResolve { .. } => Self::Unavailable(e.to_string()),
-            _ => Self::Failed(e.to_string()),
-        }
+    /// Whether the server could not be reached (as opposed to refusing what was asked).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::TimedOut(_))
     }
 }
 
 impl From<MongoError> for StoreError {
     fn from(e: MongoError) -> Self {
-        Self::from_mongo(&e)
+        match e.kind.as_ref() {
+            ErrorKind::Io(_)
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::DnsResolve { .. } => Self::Unavailable(e),
+            _ => Self::Failed(e),
+        }
     }
 }
 
 const DUPLICATE_KEY: i32 = 11000;
+const INDEX_NOT_FOUND: i32 = 27;
+
+/// Indexes of earlier versions, whose identity had no kind; dropped at start.
+const LEGACY_INDEXES: [&str; 2] = ["sensor_id_timestamp", "timestamp_sensor_id"];
+
+fn is_index_not_found(e: &MongoError) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Command(c) => c.code == INDEX_NOT_FOUND || c.code_name == "IndexNotFound",
+        _ => false,
+    }
+}
 
 /// How far back `latest` looks before it looks everywhere: 10 s, 10 min, 1 day, 30 days.
 const LATEST_WINDOWS_MS: [i64; 4] = [10_000, 600_000, 86_400_000, 2_592_000_000];
@@ -110,11 +126,13 @@ struct DeadLetterDoc {
     message: String,
 }
 
-/// Where a page of a range query starts: after this reading in (timestamp, sensor id) order.
+/// Where a page of a range query starts: after this reading in (timestamp, sensor id, kind)
+/// order, which is total because (sensor id, kind, millisecond) is a reading's identity.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RangeCursor {
     pub timestamp: Timestamp,
     pub sensor_id: SensorId,
+    pub kind: Kind,
 }
 
 #[derive(Clone, Debug)]
@@ -122,6 +140,7 @@ pub struct RangeQuery {
     pub start: Timestamp,
     pub end: Timestamp,
     pub sensor_id: Option<SensorId>,
+    pub kind: Option<Kind>,
     pub after: Option<RangeCursor>,
     pub limit: u32,
 }
@@ -162,7 +181,7 @@ impl Store {
     pub async fn connect(config: StoreConfig) -> Result<Self, StoreError> {
         let mut options = ClientOptions::parse(&config.uri)
             .await
-            .map_err(|e| StoreError::Failed(format!("invalid MONGODB_URI: {e}")))?;
+            .map_err(StoreError::InvalidUri)?;
         options
             .app_name
             .get_or_insert_with(|| "sensorhub".to_owned());
@@ -205,12 +224,28 @@ impl Store {
         };
         self.readings
             .create_indexes([
-                // Per-sensor ranges and latest: equality then time.
-                named(doc! {"sensor_id": 1, "timestamp": 1}, "sensor_id_timestamp"),
-                // Ranges over all sensors; sensor_id makes the order total, for paging.
-                named(doc! {"timestamp": 1, "sensor_id": 1}, "timestamp_sensor_id"),
+                // Per-sensor ranges and latest: equality then time; kind last makes the order
+                // total (one reading per sensor, kind and millisecond), for paging.
+                named(
+                    doc! {"sensor_id": 1, "timestamp": 1, "kind": 1},
+                    "sensor_id_timestamp_kind",
+                ),
+                // Ranges over all sensors, in the same total order.
+                named(
+                    doc! {"timestamp": 1, "sensor_id": 1, "kind": 1},
+                    "timestamp_sensor_id_kind",
+                ),
             ])
             .await?;
+        // The indexes of the identity without kind are prefixes of these: every write would
+        // pay for them and no query needs them.
+        for legacy in LEGACY_INDEXES {
+            if let Err(e) = self.readings.drop_index(legacy).await
+                && !is_index_not_found(&e)
+            {
+                return Err(e.into());
+            }
+        }
         let ttl = IndexModel::builder()
             .keys(doc! {"received_at": 1})
             .options(
@@ -243,9 +278,10 @@ impl Store {
         }
         match result {
             Ok(_) => Ok(Inserted::default()),
-            Err(e) => only_duplicates(&e)
-                .map(|duplicates| Inserted { duplicates })
-                .ok_or_else(|| StoreError::from_mongo(&e)),
+            Err(e) => match only_duplicates(&e) {
+                Some(duplicates) => Ok(Inserted { duplicates }),
+                None => Err(e.into()),
+            },
         }
     }
 
@@ -277,34 +313,42 @@ impl Store {
         match self.dead_letters.insert_many(&docs).ordered(false).await {
             Ok(_) => Ok(()),
             Err(e) if only_duplicates(&e).is_some() => Ok(()),
-            Err(e) => Err(StoreError::from_mongo(&e)),
+            Err(e) => Err(e.into()),
         }
     }
 
-    /// Readings with `start <= timestamp <= end`, ascending by (timestamp, sensor id).
+    /// Readings with `start <= timestamp <= end`, ascending by (timestamp, sensor id, kind).
     pub async fn range(&self, query: &RangeQuery) -> Result<Vec<Reading>, StoreError> {
         let start = DateTime::from_millis(query.start.as_millis());
         let end = DateTime::from_millis(query.end.as_millis());
         let mut filter = doc! {"timestamp": {"$gte": start, "$lte": end}};
+        if let Some(kind) = &query.kind {
+            filter.insert("kind", kind.as_str());
+        }
         let sort = match &query.sensor_id {
             Some(id) => {
                 filter.insert("sensor_id", id.as_str());
-                // One reading per sensor and millisecond: time alone orders them.
-                if let Some(after) = &query.after {
-                    let after = DateTime::from_millis(after.timestamp.as_millis());
-                    filter.insert("timestamp", doc! {"$gte": start, "$gt": after, "$lte": end});
-                }
-                doc! {"timestamp": 1}
-            }
-            None => {
+                // One reading per sensor, kind and millisecond: time, then kind, orders them.
                 if let Some(after) = &query.after {
                     let at = DateTime::from_millis(after.timestamp.as_millis());
                     filter = doc! {"$and": [filter, {"$or": [
                         {"timestamp": {"$gt": at}},
-                        {"timestamp": at, "sensor_id": {"$gt": after.sensor_id.as_str()}},
+                        {"timestamp": at, "kind": {"$gt": after.kind.as_str()}},
                     ]}]};
                 }
-                doc! {"timestamp": 1, "sensor_id": 1}
+                doc! {"timestamp": 1, "kind": 1}
+            }
+            None => {
+                if let Some(after) = &query.after {
+                    let at = DateTime::from_millis(after.timestamp.as_millis());
+                    let id = after.sensor_id.as_str();
+                    filter = doc! {"$and": [filter, {"$or": [
+                        {"timestamp": {"$gt": at}},
+                        {"timestamp": at, "sensor_id": {"$gt": id}},
+                        {"timestamp": at, "sensor_id": id, "kind": {"$gt": after.kind.as_str()}},
+                    ]}]};
+                }
+                doc! {"timestamp": 1, "sensor_id": 1, "kind": 1}
             }
         };
         // One round trip: the first batch holds the whole page (the default is 101 documents).
@@ -324,9 +368,11 @@ impl Store {
     /// tested against walks every index entry a query matches before it applies the limit, so
     /// an unbounded "newest ten" costs the sensor's whole history. The first window answers for
     /// any sensor that reported lately; on MongoDB each step is an index seek either way.
+    /// With `kind`, only readings of that kind (of that sensor, or of all sensors).
     pub async fn latest(
         &self,
         sensor: Option<&SensorId>,
+        kind: Option<&Kind>,
         n: u32,
     ) -> Result<Vec<Reading>, StoreError> {
         let now = Timestamp::now();
@@ -336,6 +382,9 @@ impl Store {
                 Some(id) => doc! {"sensor_id": id.as_str()},
                 None => doc! {},
             };
+            if let Some(kind) = kind {
+                filter.insert("kind", kind.as_str());
+            }
             if let Some(window) = window {
                 let since = now.saturating_add_millis(-window);
                 filter.insert(
@@ -344,8 +393,8 @@ impl Store {
                 );
             }
             let sort = match sensor {
-                Some(_) => doc! {"timestamp": -1},
-                None => doc! {"timestamp": -1, "sensor_id": -1},
+                Some(_) => doc! {"timestamp": -1, "kind": -1},
+                None => doc! {"timestamp": -1, "sensor_id": -1, "kind": -1},
             };
             let cursor = self
                 .readings
@@ -370,7 +419,7 @@ impl Store {
         let cursor = self
             .readings
             .find(doc! {})
-            .sort(doc! {"timestamp": 1, "sensor_id": 1})
+            .sort(doc! {"timestamp": 1, "sensor_id": 1, "kind": 1})
             .batch_size(1000)
             .await?;
         Ok(cursor.filter_map(|doc| async move {
@@ -381,12 +430,35 @@ impl Store {
         }))
     }
 
-    /// Every sensor id that has readings.
-    pub async fn sensor_ids(&self) -> Result<Vec<SensorId>, StoreError> {
-        let ids = self.readings.distinct("sensor_id", doc! {}).await?;
-        Ok(ids
+    /// Up to `limit` sensor ids that have readings, in ascending order, after `after`: a walk
+    /// over every sensor in bounded steps (one `distinct` over the whole collection fails past
+    /// 16 MB of ids). The sort before the group lets MongoDB answer from the
+    /// (sensor_id, timestamp, kind) index with a distinct scan.
+    pub async fn sensor_ids_after(
+        &self,
+        after: Option<&SensorId>,
+        limit: u32,
+    ) -> Result<Vec<SensorId>, StoreError> {
+        let mut pipeline = Vec::with_capacity(5);
+        if let Some(after) = after {
+            pipeline.push(doc! {"$match": {"sensor_id": {"$gt": after.as_str()}}});
+        }
+        pipeline.extend([
+            doc! {"$sort": {"sensor_id": 1}},
+            doc! {"$group": {"_id": "$sensor_id"}},
+            doc! {"$sort": {"_id": 1}},
+            doc! {"$limit": i64::from(limit)},
+        ]);
+        let groups: Vec<bson::Document> = self
+            .readings
+            .aggregate(pipeline)
+            .allow_disk_use(true)
+            .await?
+            .try_collect()
+            .await?;
+        Ok(groups
             .iter()
-            .filter_map(Bson::as_str)
+            .filter_map(|g| g.get("_id").and_then(Bson::as_str))
             .filter_map(|id| SensorId::parse(id).ok())
             .collect())
     }

@@ -403,8 +403,14 @@ async fn mongodb_down_for_ten_seconds_mid_stream_loses_and_doubles_nothing() {
     mongo.resume();
     join(feeds).await;
 
+    // The feeds end only once every reading was acknowledged; what can still fail is whether
+    // the broker's capture saw each of them (it counts every capture, resends included).
     let acked = tally.lock().unwrap().acked.clone();
-    assert_eq!(acked.len(), READINGS);
+    let captured = app.metric("sensorhub_messages_captured_total").await;
+    assert!(
+        captured >= READINGS as u64,
+        "{captured} captured, fewer than the {READINGS} acknowledged"
+    );
     assert_exactly_stored(&app, &readings, &acked).await;
     let tally = tally.lock().unwrap().clone();
     assert!(
@@ -593,8 +599,8 @@ async fn stop_mid_stream_and_restart(how: Stop) {
     app.start().await;
     join(feeds).await;
 
+    // The feeds end only once every reading was acknowledged (by either run).
     let acked = tally.lock().unwrap().acked.clone();
-    assert_eq!(acked.len(), READINGS);
     app.wait_for_count(READINGS as u64).await;
     let (stored, _) = stored(&app).await;
     let lost_before = before

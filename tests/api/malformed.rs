@@ -100,3 +100,34 @@ async fn futures_sum(app: &TestApp, bad: &[(&str, Vec<u8>, &str)]) -> u64 {
     }
     total
 }
+
+/// `sensors/#` matches the parent level `sensors` too: such a message is acknowledged, so it
+/// must end as a dead letter, not vanish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_on_the_bare_sensors_topic_is_a_dead_letter() {
+    let app = TestApp::spawn().await;
+    let publisher = Publisher::connect(app.mqtt_port, "bare").await;
+    publisher
+        .publish(0, "sensors", reading_json("bare", 1.0, &ts(0)))
+        .await;
+    publisher
+        .publish(1, "sensors/temperature", reading_json("bare", 2.0, &ts(1)))
+        .await;
+    publisher.wait_acked(2).await;
+    app.wait_for_count(1).await;
+    let body = app
+        .eventually("the dead letter", || async {
+            let (_, body) = app.get_json("/deadletters?reason=topic_invalid").await;
+            (body.as_array().is_some_and(|a| a.len() == 1)).then_some(body)
+        })
+        .await;
+    assert_eq!(body[0]["topic"], "sensors");
+    assert!(
+        body[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("names no kind"),
+        "{body}"
+    );
+    assert_eq!(app.count_readings().await, 1);
+}
