@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, Health, LATEST};
 use crate::domain::{DeadLetter, Limits, Reading, SensorId, decode};
-use crate::journal::{Journal, JournalReader};
+use crate::journal::{Journal, JournalReader, Record};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -166,24 +166,13 @@ impl Writer {
         self.metrics
             .journal_corrupt_bytes
             .store(self.reader.corrupt_bytes(), Ordering::Relaxed);
-        let mut batch = Batch {
-            readings: Vec::with_capacity(records.records.len()),
-            dead: Vec::new(),
+        let (readings, dead) = judge(&records.records, &self.limits, self.journal.log_id());
+        Some(Batch {
+            readings,
+            dead,
             end: records.end,
             replayed: records.records.first().is_some_and(|r| r.lsn < replay_end),
-        };
-        for record in &records.records {
-            match decode(&record.message, &self.limits) {
-                Ok(reading) => batch.readings.push(reading),
-                Err(rejection) => {
-                    let id = format!("{}:{}", self.journal.log_id(), record.lsn);
-                    batch
-                        .dead
-                        .push(DeadLetter::new(id, &record.message, rejection));
-                }
-            }
-        }
-        Some(batch)
+        })
     }
 
     /// Accounts for a stored batch, passes its new readings to Redis and moves the stored mark.
@@ -217,14 +206,7 @@ impl Writer {
         if batch.replayed {
             self.health.mark_dirty(&batch.readings);
         } else {
-            // Only readings this batch stored go to Redis: a duplicate with another value
-            // must not show where MongoDB kept the first.
-            let new: Vec<Reading> = batch
-                .readings
-                .into_iter()
-                .enumerate()
-                .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
-                .collect();
+            let new = newly_stored(batch.readings, &duplicates);
             if !new.is_empty()
                 && let Err(
                     mpsc::error::TrySendError::Full(lost) | mpsc::error::TrySendError::Closed(lost),
@@ -235,6 +217,33 @@ impl Writer {
         }
         self.journal.mark_stored(batch.end);
     }
+}
+
+/// Judges records read from the log: readings, and dead letters whose ids (`<log id>:<LSN>`)
+/// are unique per captured message and the same when a replay judges it again.
+fn judge(records: &[Record], limits: &Limits, log_id: &str) -> (Vec<Reading>, Vec<DeadLetter>) {
+    let mut readings = Vec::with_capacity(records.len());
+    let mut dead = Vec::new();
+    for record in records {
+        match decode(&record.message, limits) {
+            Ok(reading) => readings.push(reading),
+            Err(rejection) => {
+                let id = format!("{log_id}:{}", record.lsn);
+                dead.push(DeadLetter::new(id, &record.message, rejection));
+            }
+        }
+    }
+    (readings, dead)
+}
+
+/// The readings a batch stored, without those MongoDB already had: only these go to Redis,
+/// since a duplicate with another value must not show where MongoDB kept the first.
+fn newly_stored(readings: Vec<Reading>, duplicates: &HashSet<usize>) -> Vec<Reading> {
+    readings
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
+        .collect()
 }
 
 /// Stores a batch's readings and dead letters, retrying until MongoDB takes them. Returns the
@@ -300,7 +309,11 @@ struct Backoff {
 impl Backoff {
     fn next(&mut self) -> Duration {
         self.failures += 1;
-        Duration::from_millis(50u64.saturating_mul(1 << self.failures.min(6)).min(2_000))
+        Duration::from_millis(
+            50u64
+                .saturating_mul(1 << (self.failures - 1).min(6))
+                .min(2_000),
+        )
     }
 
     fn log(&self, error: &(dyn std::error::Error + 'static), pending_bytes: u64) {
@@ -581,4 +594,124 @@ async fn rebuild_sensors(
         .buffer_unordered(REBUILD_CONCURRENCY)
         .try_collect::<()>()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::domain::{Captured, Reason, Timestamp};
+
+    fn record(lsn: u64, topic: &str, payload: &str) -> Record {
+        Record {
+            lsn,
+            message: Captured::new(
+                Timestamp::parse("2024-05-01T10:00:00Z").unwrap(),
+                Bytes::copy_from_slice(topic.as_bytes()),
+                Bytes::copy_from_slice(payload.as_bytes()),
+                16 * 1024,
+            ),
+        }
+    }
+
+    #[test]
+    fn judging_splits_readings_from_dead_letters_with_stable_ids() {
+        let records = [
+            record(
+                0,
+                "sensors/temperature",
+                r#"{"sensor_id":"a","value":1,"timestamp":"2024-05-01T09:00:00Z"}"#,
+            ),
+            record(90, "sensors/temperature", "not json"),
+            record(
+                120,
+                "sensors/humidity",
+                r#"{"sensor_id":"a","value":"2.5","timestamp":"2024-05-01T09:00:00Z"}"#,
+            ),
+            record(
+                200,
+                "sensors",
+                r#"{"sensor_id":"a","value":1,"timestamp":"2024-05-01"}"#,
+            ),
+        ];
+        let (readings, dead) = judge(&records, &Limits::default(), "log7");
+        assert_eq!(readings.len(), 2);
+        assert_eq!(readings[1].kind().as_str(), "humidity");
+        assert_eq!(readings[1].value(), 2.5);
+        let ids: Vec<&str> = dead.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["log7:90", "log7:200"]);
+        assert_eq!(dead[0].reason, Reason::InvalidJson);
+        assert_eq!(dead[1].reason, Reason::TopicInvalid);
+        // A replay judges the same records the same way, ids included.
+        let (again, dead_again) = judge(&records, &Limits::default(), "log7");
+        assert_eq!(again, readings);
+        assert_eq!(
+            dead_again.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
+            ids
+        );
+    }
+
+    #[test]
+    fn only_newly_stored_readings_go_on_to_redis() {
+        let records: Vec<Record> = (0..4)
+            .map(|i| {
+                record(
+                    i,
+                    "sensors/t",
+                    &format!(r#"{{"sensor_id":"s{i}","value":{i},"timestamp":"2024-05-01"}}"#),
+                )
+            })
+            .collect();
+        let (readings, _) = judge(&records, &Limits::default(), "l");
+        let new = newly_stored(readings, &HashSet::from([1, 3]));
+        let ids: Vec<&str> = new.iter().map(|r| r.sensor_id().as_str()).collect();
+        assert_eq!(ids, ["s0", "s2"]);
+    }
+
+    #[test]
+    fn backoff_grows_from_50_ms_to_a_2_s_cap() {
+        let mut backoff = Backoff::default();
+        let delays: Vec<u64> = (0..8).map(|_| backoff.next().as_millis() as u64).collect();
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+    }
+
+    #[test]
+    fn cache_state_survives_a_restart_and_orders_stale_against_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = CacheState::new(dir.path());
+        assert_eq!(state.previous(), None, "a first start has no record");
+        let health = Health::new();
+        state.settle("run-1", &health);
+        assert_eq!(
+            CacheState::new(dir.path()).previous(),
+            Some(("run-1".to_owned(), true)),
+            "dirty at start: recorded stale"
+        );
+        let g = health.generation();
+        health.clear_all(g);
+        health.clear_overall(g);
+        state.settle("run-1", &health);
+        assert_eq!(
+            CacheState::new(dir.path()).previous(),
+            Some(("run-1".to_owned(), false))
+        );
+        // A mark after the clean record is told through the hook, and recorded at once.
+        let hooked = Arc::new(CacheState::new(dir.path()));
+        let for_hook = Arc::clone(&hooked);
+        health.on_dirty(Box::new(move || for_hook.mark_stale()));
+        hooked.settle("run-1", &health);
+        let r = Reading::new(
+            SensorId::parse("x").unwrap(),
+            crate::domain::Kind::parse("t").unwrap(),
+            1.0,
+            Timestamp::from_millis(0).unwrap(),
+        )
+        .unwrap();
+        health.mark_dirty([&r]);
+        assert_eq!(
+            CacheState::new(dir.path()).previous(),
+            Some(("run-1".to_owned(), true))
+        );
+    }
 }

@@ -13,5 +13,6 @@ mod ingest;
 mod latest;
 mod malformed;
 mod range;
+mod restart;
 mod simulator;
 mod startup;

@@ -1,0 +1,144 @@
+//! Restarting on a history: a Redis that kept its data is trusted, one that lost it (or that
+//! the previous run knew to be stale) is rebuilt, and in both cases the latest ten are right.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::helpers::{Publisher, TestApp, reading_json, ts};
+
+const SENSORS: usize = 30;
+const PER_SENSOR: usize = 12;
+
+/// Publishes `PER_SENSOR` readings to each of `SENSORS` sensors and waits until Redis serves them.
+async fn fill(app: &TestApp) {
+    let publisher = Publisher::connect(app.mqtt_port, "restart-fill").await;
+    let mut id = 0;
+    for n in 0..PER_SENSOR {
+        for s in 0..SENSORS {
+            let at = ts((n * 1000 + s) as i64);
+            publisher
+                .publish(
+                    id,
+                    "sensors/temperature",
+                    reading_json(&format!("r{s}"), n as f64, &at),
+                )
+                .await;
+            id += 1;
+        }
+    }
+    publisher.wait_acked(id).await;
+    app.wait_for_count((SENSORS * PER_SENSOR) as u64).await;
+    for s in [0, SENSORS - 1] {
+        app.eventually("served from Redis before the stop", || async {
+            (source(app, &format!("/latestten/r{s}")).await == "redis").then_some(())
+        })
+        .await;
+    }
+}
+
+async fn source(app: &TestApp, path: &str) -> String {
+    app.get(path)
+        .await
+        .headers()
+        .get("x-sensorhub-source")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Every sensor's latest ten, from Redis, exactly as published.
+async fn assert_latest_right(app: &TestApp) {
+    for s in 0..SENSORS {
+        let path = format!("/latestten/r{s}");
+        let body: Value = app
+            .eventually("served from Redis after the restart", || async {
+                let response = app.get(&path).await;
+                let redis = response
+                    .headers()
+                    .get("x-sensorhub-source")
+                    .is_some_and(|v| v == "redis");
+                let body: Value = response.json().await.ok()?;
+                redis.then_some(body)
+            })
+            .await;
+        let got: Vec<&str> = body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["timestamp"].as_str().unwrap())
+            .collect();
+        let expected: Vec<String> = (PER_SENSOR - 10..PER_SENSOR)
+            .rev()
+            .map(|n| ts((n * 1000 + s) as i64))
+            .collect();
+        assert_eq!(got, expected, "sensor r{s}");
+    }
+}
+
+fn redis_cli(app: &TestApp, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-u", &app.redis_url])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success(), "redis-cli {args:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_redis_intact_rebuilds_nothing() {
+    let mut app = TestApp::spawn().await;
+    fill(&app).await;
+    assert!(app.terminate().await, "SIGTERM did not end in exit 0");
+    app.start().await;
+    assert_latest_right(&app).await;
+    assert_eq!(app.metric("sensorhub_cache_rebuilds_total").await, 0);
+    assert!(
+        app.logs().contains("rebuilding every latest set"),
+        "the first start did rebuild (an empty Redis)"
+    );
+    assert_eq!(
+        app.logs().matches("rebuilding every latest set").count(),
+        1,
+        "only the first start rebuilt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_our_keys_while_we_were_stopped_is_rebuilt() {
+    let mut app = TestApp::spawn().await;
+    fill(&app).await;
+    assert!(app.terminate().await);
+    let keys = redis_cli(
+        &app,
+        &["--scan", "--pattern", &format!("{{{}}}:*", app.prefix)],
+    );
+    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+    assert!(keys.len() > SENSORS, "{keys:?}");
+    let mut del = vec!["del"];
+    del.extend(&keys);
+    redis_cli(&app, &del);
+    app.start().await;
+    assert_latest_right(&app).await;
+    assert!(app.metric("sensorhub_cache_rebuilds_total").await >= SENSORS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sets_known_stale_at_the_stop_are_not_trusted_after_it() {
+    let mut app = TestApp::spawn().await;
+    fill(&app).await;
+    assert!(app.terminate().await);
+    // What a run leaves when Redis failed it and it stopped before the repair: the sets may
+    // miss readings MongoDB has. Make one visibly wrong, and record the run as stale.
+    let key = format!("{{{}}}:latest:r0", app.prefix);
+    redis_cli(&app, &["del", &key]);
+    let state = app.journal_dir.join("cache-state");
+    let text = std::fs::read_to_string(&state).expect("the run recorded Redis's state");
+    let run_id = text.lines().next().unwrap().to_owned();
+    assert!(text.contains("clean"), "{text}");
+    std::fs::write(&state, format!("{run_id}\nstale\n")).unwrap();
+    app.start().await;
+    assert_latest_right(&app).await;
+    assert!(app.metric("sensorhub_cache_rebuilds_total").await >= SENSORS as u64);
+}
