@@ -17,7 +17,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use fred::prelude::{
-    Builder, Client, ClientLike, Config, KeysInterface, ReconnectPolicy, SortedSetsInterface,
+    Builder, Client, ClientLike, ClusterInterface, Config, KeysInterface, ReconnectPolicy,
+    SortedSetsInterface,
 };
 use fred::types::InfoKind;
 use fred::types::scripts::Script;
@@ -50,10 +51,16 @@ pub enum CacheError {
     Unavailable(#[from] fred::error::Error),
 }
 
+/// Hash-tag groups the sensors' sets are spread over on a Redis Cluster: enough that each of a
+/// few dozen masters holds a share, few enough that a batch costs a handful of script calls.
+const CLUSTER_GROUPS: u32 = 64;
+
 #[derive(Clone)]
 pub struct Cache {
     client: Client,
     prefix: String,
+    /// A Redis Cluster: the sensors' sets are spread over `CLUSTER_GROUPS` slots.
+    clustered: bool,
     memo: std::sync::Arc<Memo>,
 }
 
@@ -90,11 +97,13 @@ impl Cache {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
             .build()
             .map_err(CacheError::Config)?;
+        let clustered = client.client_config().server.is_clustered();
         // The connection task ends with the client; its result is the client's state.
         let _connection = client.init().await?;
         Ok(Self {
             client,
             prefix: config.prefix.clone(),
+            clustered,
             memo: std::sync::Arc::new(Memo::new(config.memo_ttl)),
         })
     }
@@ -104,18 +113,36 @@ impl Cache {
     }
 
     // Keys are `{<prefix>}:latest:<sensor id>`, `{<prefix>}:latest` and `{<prefix>}:intact`. The
-    // braces are a Redis Cluster hash tag: every key of one deployment lives in one slot, so one
-    // script can update them all.
+    // braces are a Redis Cluster hash tag. On a single Redis every key shares it, so one script
+    // call updates a whole batch. On a Redis Cluster a script may only touch one slot, and one
+    // tag would put the whole cache on one master: there a sensor's set is tagged
+    // `{<prefix>:<group>}` with the group a hash of its id, each group has its own marker, and
+    // a batch costs one script call per group it touches (plus one for the overall set).
+    fn group_tag(&self, id: &SensorId) -> String {
+        if self.clustered {
+            format!("{}:{:02}", self.prefix, group_of(id))
+        } else {
+            self.prefix.clone()
+        }
+    }
+
     fn sensor_key(&self, id: &SensorId) -> String {
-        format!("{{{}}}:latest:{}", self.prefix, id.as_str())
+        format!("{{{}}}:latest:{}", self.group_tag(id), id.as_str())
     }
 
     fn overall_key(&self) -> String {
         format!("{{{}}}:latest", self.prefix)
     }
 
-    fn marker_key(&self) -> String {
-        format!("{{{}}}:intact", self.prefix)
+    /// The markers whose absence reveals a flush or a master that lost its data.
+    fn marker_keys(&self) -> Vec<String> {
+        let mut keys = vec![format!("{{{}}}:intact", self.prefix)];
+        if self.clustered {
+            keys.extend(
+                (0..CLUSTER_GROUPS).map(|g| format!("{{{}:{g:02}}}:intact", self.prefix)),
+            );
+        }
+        keys
     }
 
     /// Adds `readings` to their sensors' sets and to the overall set, keeping ten in each, in
@@ -128,12 +155,28 @@ impl Cache {
         for r in readings {
             by_sensor.entry(r.sensor_id()).or_default().push(r);
         }
-        let mut sets: Vec<(String, Vec<&Reading>)> = by_sensor
-            .into_iter()
-            .map(|(id, rs)| (self.sensor_key(id), rs))
-            .collect();
-        sets.push((self.overall_key(), readings.iter().collect()));
-        self.merge(sets).await
+        let overall = (self.overall_key(), readings.iter().collect());
+        if !self.clustered {
+            let mut sets: Vec<(String, Vec<&Reading>)> = by_sensor
+                .into_iter()
+                .map(|(id, rs)| (self.sensor_key(id), rs))
+                .collect();
+            sets.push(overall);
+            return self.merge(sets).await;
+        }
+        let mut by_tag: HashMap<String, Vec<(String, Vec<&Reading>)>> = HashMap::new();
+        for (id, rs) in by_sensor {
+            by_tag
+                .entry(self.group_tag(id))
+                .or_default()
+                .push((self.sensor_key(id), rs));
+        }
+        let calls = by_tag
+            .into_values()
+            .chain([vec![overall]])
+            .map(|sets| self.merge(sets));
+        futures_util::future::try_join_all(calls).await?;
+        Ok(())
     }
 
     /// Merges readings taken from MongoDB into one set (a sensor's, or the overall one).
@@ -195,30 +238,67 @@ impl Cache {
         Ok(Some(body))
     }
 
-    /// Reads Redis's run id and whether our marker is still there.
+    /// Reads Redis's run id (on a cluster, every master's, joined) and whether every marker is
+    /// still there.
     pub async fn probe(&self) -> Result<Probe, CacheError> {
-        let info: String = self.client.info(Some(InfoKind::Server)).await?;
-        let run_id = info
-            .lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
-            .unwrap_or_default()
-            .trim()
-            .to_owned();
-        let marked: i64 = self.client.exists(self.marker_key()).await?;
-        Ok(Probe {
-            run_id,
-            marked: marked > 0,
-        })
+        let run_id = if self.clustered {
+            let mut primaries = self
+                .client
+                .cached_cluster_state()
+                .map(|state| state.unique_primary_nodes())
+                .unwrap_or_default();
+            primaries.sort_by_key(ToString::to_string);
+            let mut ids = Vec::with_capacity(primaries.len());
+            for node in primaries {
+                let info: String = self
+                    .client
+                    .with_cluster_node(&node)
+                    .info(Some(InfoKind::Server))
+                    .await?;
+                ids.push(run_id_of(&info));
+            }
+            ids.join(",")
+        } else {
+            let info: String = self.client.info(Some(InfoKind::Server)).await?;
+            run_id_of(&info)
+        };
+        let checks = self.marker_keys().into_iter().map(|key| async move {
+            let found: i64 = self.client.exists(key).await?;
+            Ok::<_, CacheError>(found > 0)
+        });
+        let marked = futures_util::future::try_join_all(checks)
+            .await?
+            .into_iter()
+            .all(|found| found);
+        Ok(Probe { run_id, marked })
     }
 
-    /// Sets the marker whose absence later reveals a flush.
+    /// Sets the markers whose absence later reveals a flush.
     pub async fn mark(&self) -> Result<(), CacheError> {
-        let () = self
-            .client
-            .set(self.marker_key(), "1", None, None, false)
-            .await?;
+        let sets = self.marker_keys().into_iter().map(|key| async move {
+            let () = self.client.set(key, "1", None, None, false).await?;
+            Ok::<_, CacheError>(())
+        });
+        futures_util::future::try_join_all(sets).await?;
         Ok(())
     }
+}
+
+fn run_id_of(info: &str) -> String {
+    info.lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The cluster group of a sensor: FNV-1a of its id, stable across processes and versions (the
+/// std hasher is seeded per process).
+fn group_of(id: &SensorId) -> u32 {
+    let hash = id.as_str().bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    hash % CLUSTER_GROUPS
 }
 
 /// Adds members to sorted sets and trims each to the newest `ARGV[1]`.

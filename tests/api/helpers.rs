@@ -152,6 +152,72 @@ pub fn start_redis() -> Server {
     Server::start("redis-server", args, port, dir)
 }
 
+/// A Redis Cluster of `masters` masters without replicas (no persistence: a restarted master
+/// comes back empty, with its slots), joined by `redis-cli --cluster create`.
+pub fn start_redis_cluster(masters: usize) -> Vec<Server> {
+    let nodes: Vec<Server> = (0..masters)
+        .map(|_| {
+            let port = free_port();
+            let dir = scratch_dir("redis-cluster");
+            let args = [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &dir.join("nodes.conf").display().to_string(),
+                "--cluster-node-timeout",
+                "2000",
+                "--dir",
+                &dir.display().to_string(),
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            Server::start("redis-server", args, port, dir)
+        })
+        .collect();
+    let mut create = Command::new("redis-cli");
+    create.arg("--cluster").arg("create");
+    for node in &nodes {
+        create.arg(format!("127.0.0.1:{}", node.port));
+    }
+    let out = create
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create");
+    assert!(
+        out.status.success(),
+        "cluster create failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for node in &nodes {
+        wait_cluster_ok(node.port);
+    }
+    nodes
+}
+
+/// Waits until a cluster node reports `cluster_state:ok`.
+pub fn wait_cluster_ok(port: u16) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let out = Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "cluster", "info"])
+            .output()
+            .expect("redis-cli cluster info");
+        if String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "cluster node {port} not ok");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A MongoDB wire server of its own, for tests that stop it. Data survives `stop`/`resume`.
 pub fn start_mongo() -> Server {
     start_mongo_with(&[])

@@ -13,6 +13,7 @@ mod ingest;
 mod latest;
 mod malformed;
 mod range;
+mod redis_cluster;
 mod restart;
 mod simulator;
 mod startup;
