@@ -78,6 +78,7 @@ impl Application {
             dead_letter_collection: settings.dead_letter_collection.clone(),
             dead_letter_ttl: Duration::from_secs(settings.dead_letter_ttl_days * 86_400),
             server_selection_timeout: Duration::from_secs(2),
+            write_concern: settings.write_concern()?,
         })
         .await
         .with_context(|| {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{Limits, NaiveZone, Timestamp};
 use crate::journal::FsyncPolicy;
+use crate::store::WriteConcern;
 
 /// Every setting of `serve`, with its default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,6 +37,9 @@ pub struct Settings {
     pub mongodb_collection: String,
     /// Collection of dead letters.
     pub dead_letter_collection: String,
+    /// MongoDB write concern `w` ("majority", a node count or a tag); empty: the URI's, else
+    /// "majority" when the URI names a replica set.
+    pub mongodb_write_concern: String,
     /// Days a dead letter is kept.
     pub dead_letter_ttl_days: u64,
     /// Redis connection string (`redis://`, or `redis-cluster://` for a cluster).
@@ -88,6 +92,7 @@ impl Default for Settings {
             mongodb_database: "sensor_data".into(),
             mongodb_collection: "sensor_readings".into(),
             dead_letter_collection: "dead_letters".into(),
+            mongodb_write_concern: String::new(),
             dead_letter_ttl_days: 7,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_prefix: "sensorhub".into(),
@@ -149,6 +154,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_DEAD_LETTER_COLLECTION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter_collection: Option<String>,
+    /// MongoDB write concern w: majority | N | tag [default: the URI's, else majority on a
+    /// replica set]
+    #[arg(long, env = "SENSORHUB_MONGODB_WRITE_CONCERN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mongodb_write_concern: Option<String>,
     /// Days a dead letter is kept [default: 7]
     #[arg(long, env = "SENSORHUB_DEAD_LETTER_TTL_DAYS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -255,6 +265,7 @@ impl Settings {
         let fail = |m: String| Err(ConfigError::Invalid(m));
         self.fsync_policy()?;
         self.limits()?;
+        self.write_concern()?;
         if self.journal_segment_bytes < 64 * 1024 {
             return fail("journal_segment_bytes must be at least 65536".into());
         }
@@ -271,6 +282,16 @@ impl Settings {
             return fail("simulate_sensors and simulate_interval_ms must be positive".into());
         }
         Ok(())
+    }
+
+    /// The write concern setting; `None` when left to the URI and the defaults.
+    pub fn write_concern(&self) -> Result<Option<WriteConcern>, ConfigError> {
+        if self.mongodb_write_concern.trim().is_empty() {
+            return Ok(None);
+        }
+        WriteConcern::parse(&self.mongodb_write_concern)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("mongodb_write_concern: {e}")))
     }
 
     pub fn fsync_policy(&self) -> Result<FsyncPolicy, ConfigError> {
@@ -353,6 +374,7 @@ mod tests {
         assert!(bad(|s| s.journal_fsync = "sometimes".into()).contains("journal_fsync"));
         assert!(bad(|s| s.earliest_timestamp = "then".into()).contains("earliest_timestamp"));
         assert!(bad(|s| s.journal_max_bytes = 1).contains("journal_max_bytes"));
+        assert!(bad(|s| s.mongodb_write_concern = "0".into()).contains("mongodb_write_concern"));
         assert!(
             bad(|s| s.naive_timestamp_zone = "Nowhere/Land".into())
                 .contains("naive_timestamp_zone")

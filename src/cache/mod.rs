@@ -138,9 +138,7 @@ impl Cache {
     fn marker_keys(&self) -> Vec<String> {
         let mut keys = vec![format!("{{{}}}:intact", self.prefix)];
         if self.clustered {
-            keys.extend(
-                (0..CLUSTER_GROUPS).map(|g| format!("{{{}:{g:02}}}:intact", self.prefix)),
-            );
+            keys.extend((0..CLUSTER_GROUPS).map(|g| format!("{{{}:{g:02}}}:intact", self.prefix)));
         }
         keys
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use bson::{Bson, DateTime, doc, spec::BinarySubtype};
 use futures_util::{Stream, StreamExt, TryStreamExt};
 use mongodb::error::{Error as MongoError, ErrorKind};
-use mongodb::options::{ClientOptions, IndexOptions};
+use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +32,30 @@ pub struct StoreConfig {
     pub dead_letter_ttl: Duration,
     /// How long an operation waits for a reachable server before it fails.
     pub server_selection_timeout: Duration,
+    /// The write concern's `w`; `None`: the URI's, else `majority` on a replica set.
+    pub write_concern: Option<WriteConcern>,
+}
+
+/// A write concern's `w` as the setting writes it: `majority`, a node count, or a tag set's
+/// name. (`0`, no acknowledgement, is refused: the local log would drop readings MongoDB never
+/// confirmed.)
+#[derive(Clone, Debug, PartialEq)]
+pub struct WriteConcern(Acknowledgment);
+
+impl WriteConcern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let w = match text.trim() {
+            "" => return Err("it is empty: use majority, a number of nodes, or a tag".into()),
+            "majority" => Acknowledgment::Majority,
+            "0" => return Err("w: 0 would let the local log drop unconfirmed readings".into()),
+            n if n.bytes().all(|b| b.is_ascii_digit()) => n
+                .parse()
+                .map(Acknowledgment::Nodes)
+                .map_err(|_| format!("{n} nodes is too many"))?,
+            tag => Acknowledgment::Custom(tag.to_owned()),
+        };
+        Ok(Self(w))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,9 +210,35 @@ impl Store {
             .app_name
             .get_or_insert_with(|| "sensorhub".to_owned());
         // The local log lets go of a reading once MongoDB acknowledged it, so that
-        // acknowledgement must mean "on disk": journaled, unless the URI says otherwise.
+        // acknowledgement must mean "on disk" (journaled) and, on a replica set, "on a majority"
+        // (a write only the old primary held is rolled back after a failover). The setting
+        // wins over the URI, the URI over these defaults.
+        let replica_set = options.repl_set_name.is_some();
         let concern = options.write_concern.get_or_insert_with(Default::default);
         concern.journal.get_or_insert(true);
+        match &config.write_concern {
+            Some(WriteConcern(w)) => concern.w = Some(w.clone()),
+            None if replica_set => {
+                concern.w.get_or_insert(Acknowledgment::Majority);
+            }
+            None => {}
+        }
+        // A write interrupted by a failover is retried once by the driver, with the same ids.
+        options.retry_writes.get_or_insert(true);
+        let w = concern.w.as_ref().map_or_else(
+            || "the server's default".to_owned(),
+            |w| match w {
+                Acknowledgment::Majority => "majority".to_owned(),
+                Acknowledgment::Nodes(n) => n.to_string(),
+                other => format!("{other:?}"),
+            },
+        );
+        tracing::info!(
+            replica_set = options.repl_set_name.as_deref().unwrap_or(""),
+            write_concern = %w,
+            journaled = concern.journal.unwrap_or(false),
+            "MongoDB write concern"
+        );
         options.server_selection_timeout = Some(config.server_selection_timeout);
         options
             .connect_timeout

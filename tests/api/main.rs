@@ -14,6 +14,7 @@ mod latest;
 mod malformed;
 mod range;
 mod redis_cluster;
+mod replica_set;
 mod restart;
 mod simulator;
 mod startup;

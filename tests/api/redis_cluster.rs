@@ -95,7 +95,10 @@ async fn sets_spread_over_every_master_and_survive_a_master_restart() {
     assert_eq!(per_master.iter().sum::<usize>(), SENSORS, "{per_master:?}");
     for held in &per_master {
         // A third each, give or take the spread of 64 groups over three slot ranges.
-        assert!(*held >= SENSORS / 6, "one master holds too little: {per_master:?}");
+        assert!(
+            *held >= SENSORS / 6,
+            "one master holds too little: {per_master:?}"
+        );
     }
 
     // A master restarts empty while readings keep coming.

@@ -75,6 +75,7 @@ async fn measure(
         dead_letter_collection: "dead_letters".into(),
         dead_letter_ttl: Duration::from_secs(7 * 86_400),
         server_selection_timeout: Duration::from_secs(5),
+        write_concern: None,
     })
     .await?;
     store.ensure_indexes().await?;
