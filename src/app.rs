@@ -31,7 +31,8 @@ use crate::store::{Store, StoreConfig};
 pub struct Application {
     http_addr: SocketAddr,
     mqtt: Vec<(String, SocketAddr)>,
-    broker: EmbeddedBroker,
+    /// `None` in external broker mode.
+    broker: Option<EmbeddedBroker>,
     journal: Journal,
     grace: Duration,
     /// Tasks that end when `intake` is cancelled: listeners, tap, simulator, repair, upkeep.
@@ -69,7 +70,10 @@ impl Application {
             )
         })?;
         let http_addr = http_listener.local_addr()?;
-        broker::check_listeners(&broker_config)?;
+        let external = settings.external()?;
+        if external.is_none() {
+            broker::check_listeners(&broker_config)?;
+        }
 
         let store = Store::connect(StoreConfig {
             uri: settings.mongodb_uri.clone(),
@@ -179,15 +183,31 @@ impl Application {
                     .map_err(|e| broker::Refused(Box::new(e)))
             })
         };
-        let broker = EmbeddedBroker::start(
-            broker_config,
-            sink,
-            max_payload_bytes,
-            Arc::clone(&metrics),
-            &mut services,
-            intake.clone(),
-        )
-        .await?;
+        let (broker, simulate_to) = match external {
+            None => {
+                let broker = EmbeddedBroker::start(
+                    broker_config,
+                    sink,
+                    max_payload_bytes,
+                    Arc::clone(&metrics),
+                    &mut services,
+                    intake.clone(),
+                )
+                .await?;
+                let port = broker.listeners().first().map(|(_, addr)| addr.port());
+                (Some(broker), port.map(|p| ("127.0.0.1".to_owned(), p)))
+            }
+            Some(config) => {
+                let to = broker::external::target_addr(&config.url)?;
+                services.spawn(broker::external::run(
+                    config,
+                    sink,
+                    Arc::clone(&metrics),
+                    intake.clone(),
+                ));
+                (None, Some(to))
+            }
+        };
 
         let http_stop = CancellationToken::new();
         let gauges = Arc::new({
@@ -215,13 +235,9 @@ impl Application {
         ));
 
         if settings.simulate {
-            let port = broker
-                .listeners()
-                .first()
-                .map(|(_, addr)| addr.port())
-                .context("--simulate needs an MQTT listener")?;
+            let (host, port) = simulate_to.context("--simulate needs an MQTT listener")?;
             let config = SimulatorConfig {
-                host: "127.0.0.1".into(),
+                host,
                 port,
                 sensors: settings.simulate_sensors,
                 interval: Duration::from_millis(settings.simulate_interval_ms),
@@ -232,7 +248,10 @@ impl Application {
 
         Ok(Self {
             http_addr,
-            mqtt: broker.listeners().to_vec(),
+            mqtt: broker
+                .as_ref()
+                .map(|b| b.listeners().to_vec())
+                .unwrap_or_default(),
             broker,
             journal,
             grace,
@@ -289,7 +308,9 @@ impl Application {
         let end = self.journal.close();
         self.intake.cancel();
         while self.services.join_next().await.is_some() {}
-        self.broker.stop_connections();
+        if let Some(broker) = self.broker.as_mut() {
+            broker.stop_connections();
+        }
 
         // 2. Drain into MongoDB, within the grace period.
         self.writer_stop.drain.cancel();

@@ -13,6 +13,7 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::broker::external::{self, ExternalConfig, ExternalError};
 use crate::domain::{Limits, NaiveZone, Timestamp};
 use crate::journal::FsyncPolicy;
 use crate::store::WriteConcern;
@@ -37,6 +38,15 @@ pub struct Settings {
     pub mongodb_collection: String,
     /// Collection of dead letters.
     pub dead_letter_collection: String,
+    /// An existing MQTT broker to subscribe to instead of running the embedded one:
+    /// `mqtt://[user[:password]@]host[:port]`. Empty: the embedded broker.
+    pub external_broker: String,
+    /// The shared subscription group of external broker mode: instances of one group split
+    /// the stream.
+    pub share_group: String,
+    /// This instance's client id at the external broker, stable across restarts so the broker
+    /// keeps its session. Empty: `sensorhub-<host name>`.
+    pub external_client_id: String,
     /// MongoDB write concern `w` ("majority", a node count or a tag); empty: the URI's, else
     /// "majority" when the URI names a replica set.
     pub mongodb_write_concern: String,
@@ -93,6 +103,9 @@ impl Default for Settings {
             mongodb_collection: "sensor_readings".into(),
             dead_letter_collection: "dead_letters".into(),
             mongodb_write_concern: String::new(),
+            external_broker: String::new(),
+            share_group: "sensorhub".into(),
+            external_client_id: String::new(),
             dead_letter_ttl_days: 7,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_prefix: "sensorhub".into(),
@@ -154,6 +167,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_DEAD_LETTER_COLLECTION")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letter_collection: Option<String>,
+    /// Subscribe to this MQTT broker instead of running the embedded one:
+    /// mqtt://[user[:password]@]host[:port]
+    #[arg(long, env = "SENSORHUB_EXTERNAL_BROKER")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_broker: Option<String>,
+    /// Shared subscription group at the external broker [default: sensorhub]
+    #[arg(long, env = "SENSORHUB_SHARE_GROUP")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_group: Option<String>,
+    /// Client id at the external broker, stable per instance [default: sensorhub-<host name>]
+    #[arg(long, env = "SENSORHUB_EXTERNAL_CLIENT_ID")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_client_id: Option<String>,
     /// MongoDB write concern w: majority | N | tag [default: the URI's, else majority on a
     /// replica set]
     #[arg(long, env = "SENSORHUB_MONGODB_WRITE_CONCERN")]
@@ -266,6 +292,7 @@ impl Settings {
         self.fsync_policy()?;
         self.limits()?;
         self.write_concern()?;
+        self.external()?;
         if self.journal_segment_bytes < 64 * 1024 {
             return fail("journal_segment_bytes must be at least 65536".into());
         }
@@ -282,6 +309,31 @@ impl Settings {
             return fail("simulate_sensors and simulate_interval_ms must be positive".into());
         }
         Ok(())
+    }
+
+    /// External broker mode's settings; `None` for the embedded broker.
+    pub fn external(&self) -> Result<Option<ExternalConfig>, ConfigError> {
+        if self.external_broker.trim().is_empty() {
+            return Ok(None);
+        }
+        let invalid = |e: ExternalError| ConfigError::Invalid(e.to_string());
+        external::target_addr(&self.external_broker).map_err(invalid)?;
+        external::shared_filter(&self.share_group).map_err(invalid)?;
+        let client_id = if self.external_client_id.is_empty() {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_default();
+            format!("sensorhub-{}", host.trim())
+        } else {
+            self.external_client_id.clone()
+        };
+        Ok(Some(ExternalConfig {
+            url: self.external_broker.trim().to_owned(),
+            share_group: self.share_group.clone(),
+            client_id,
+            max_payload_bytes: self.max_payload_bytes,
+        }))
     }
 
     /// The write concern setting; `None` when left to the URI and the defaults.

@@ -8,6 +8,7 @@
 //! tasks are aborted. This module knows nothing of MongoDB, Redis or HTTP.
 
 pub mod capture;
+pub mod external;
 mod tap;
 
 use std::collections::HashMap;

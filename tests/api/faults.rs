@@ -34,7 +34,7 @@ const BASE_MILLIS: i64 = 1_767_225_600_000;
 /// One reading a test publishes: a distinct (sensor, millisecond), so MongoDB must hold exactly
 /// one document per reading.
 #[derive(Clone, Debug)]
-struct Planned {
+pub(crate) struct Planned {
     id: usize,
     sensor: String,
     millis: i64,
@@ -61,7 +61,7 @@ impl Planned {
 
 /// `count` readings over `sensors` sensors. Device times are a permutation of the ids, so they
 /// arrive out of order and no two readings share a millisecond.
-fn plan(prefix: &str, count: usize, sensors: usize) -> Vec<Planned> {
+pub(crate) fn plan(prefix: &str, count: usize, sensors: usize) -> Vec<Planned> {
     (0..count)
         .map(|id| Planned {
             id,
@@ -74,15 +74,15 @@ fn plan(prefix: &str, count: usize, sensors: usize) -> Vec<Planned> {
 
 /// What the publishers saw, shared while they run.
 #[derive(Clone, Debug, Default)]
-struct Tally {
-    acked: HashSet<usize>,
+pub(crate) struct Tally {
+    pub(crate) acked: HashSet<usize>,
     /// Publishes of a reading that had been sent before without an acknowledgement.
-    resent: usize,
+    pub(crate) resent: usize,
     /// Connections lost (or refused) after the first one was up.
-    disconnects: usize,
+    pub(crate) disconnects: usize,
 }
 
-type Shared = Arc<Mutex<Tally>>;
+pub(crate) type Shared = Arc<Mutex<Tally>>;
 
 /// One MQTT connection: the write half, and the packet ids of PUBACKs read by a reader task.
 struct Session {
@@ -277,7 +277,7 @@ async fn feed(
 }
 
 /// Starts `clients` publishers sharing `readings` round-robin, `per_second` in total.
-fn spawn_feeds(
+pub(crate) fn spawn_feeds(
     port: u16,
     name: &str,
     readings: &[Planned],
@@ -303,14 +303,14 @@ fn spawn_feeds(
         .collect()
 }
 
-async fn join(feeds: Vec<JoinHandle<()>>) {
+pub(crate) async fn join(feeds: Vec<JoinHandle<()>>) {
     for feed in feeds {
         feed.await.expect("a publisher failed");
     }
 }
 
 /// Waits until the publishers together have `count` acknowledgements.
-async fn wait_acked(app: &TestApp, tally: &Shared, count: usize) -> HashSet<usize> {
+pub(crate) async fn wait_acked(app: &TestApp, tally: &Shared, count: usize) -> HashSet<usize> {
     app.eventually(&format!("{count} acknowledgements"), || async {
         let tally = tally.lock().unwrap();
         (tally.acked.len() >= count).then(|| tally.acked.clone())
@@ -346,7 +346,11 @@ async fn stored(app: &TestApp) -> (HashMap<(String, i64), f64>, usize) {
 
 /// Waits for, then asserts, exactly `readings` in MongoDB, each once and with its value; every
 /// acknowledged one among them.
-async fn assert_exactly_stored(app: &TestApp, readings: &[Planned], acked: &HashSet<usize>) {
+pub(crate) async fn assert_exactly_stored(
+    app: &TestApp,
+    readings: &[Planned],
+    acked: &HashSet<usize>,
+) {
     // Polled with a deadline, but a shortfall is reported as numbers, not as a timeout.
     let deadline = Instant::now() + PATIENCE;
     while app.count_readings().await != readings.len() as u64 && Instant::now() < deadline {

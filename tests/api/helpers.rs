@@ -92,8 +92,17 @@ impl Server {
 
     /// Kills the process (SIGKILL) and waits until its port is free.
     pub fn stop(&mut self) {
+        self.signal("-KILL");
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits until it has and its port is free.
+    pub fn terminate(&mut self) {
+        self.signal("-TERM");
+    }
+
+    fn signal(&mut self, signal: &str) {
         let _ = Command::new("pkill")
-            .args(["-9", "-f", &format!("{} .*{}", self.program, self.port)])
+            .args([signal, "-f", &format!("{} .*{}", self.program, self.port)])
             .status();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -218,6 +227,34 @@ pub fn wait_cluster_ok(port: u16) {
     }
 }
 
+/// A Mosquitto broker with persistence on and no limit on queued messages (the default 1,000
+/// per client drops QoS 1 messages the broker already acknowledged to their publisher).
+pub fn start_mosquitto() -> Server {
+    let port = free_port();
+    let dir = scratch_dir("mosquitto");
+    // Mosquitto started as root drops to its own user, which must be able to save here.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+        .expect("chmod");
+    // The port in the file name: `Server::stop` finds the process by program and port.
+    let conf = dir.join(format!("mosquitto-{port}.conf"));
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+             persistence_location {}/\nautosave_interval 1\nmax_queued_messages 0\n\
+             max_inflight_messages 100\n",
+            dir.display()
+        ),
+    )
+    .expect("mosquitto.conf");
+    Server::start(
+        "mosquitto",
+        vec!["-c".into(), conf.display().to_string()],
+        port,
+        dir,
+    )
+}
+
 /// A MongoDB wire server of its own, for tests that stop it. Data survives `stop`/`resume`.
 pub fn start_mongo() -> Server {
     start_mongo_with(&[])
@@ -284,6 +321,8 @@ pub struct AppOptions {
     pub redis_url: Option<String>,
     /// Extra flags.
     pub args: Vec<String>,
+    /// A database (and Redis key prefix) shared with another instance, instead of its own.
+    pub share_store_with: Option<(String, String)>,
 }
 
 /// One sensorhub process with its own ports, database, key prefix and local log.
@@ -315,8 +354,14 @@ impl TestApp {
             mqtt_port: free_port(),
             mqtt5_port: free_port(),
             http_port: free_port(),
-            database: unique("test"),
-            prefix: unique("t"),
+            database: options
+                .share_store_with
+                .as_ref()
+                .map_or_else(|| unique("test"), |(db, _)| db.clone()),
+            prefix: options
+                .share_store_with
+                .as_ref()
+                .map_or_else(|| unique("t"), |(_, prefix)| prefix.clone()),
             journal_dir: dir.join("journal"),
             mongodb_uri: options
                 .mongodb_uri

@@ -8,6 +8,7 @@ mod helpers;
 
 mod all_data;
 mod corpus;
+mod external_broker;
 mod faults;
 mod ingest;
 mod latest;
