@@ -1,7 +1,36 @@
-use std::io::Write as _;
-
 use super::*;
 use crate::domain::Timestamp;
+
+/// Test-only control of the syncer: hold it, or make its next sync fail as a failing disk would.
+#[derive(Debug, Default)]
+pub(super) struct Hooks {
+    fail_next: AtomicBool,
+    held: Mutex<bool>,
+    released: Condvar,
+    /// Sealed segments synced so far.
+    pub(super) sealed_synced: AtomicU64,
+}
+
+impl Hooks {
+    pub(super) fn before_sync(&self) -> io::Result<()> {
+        let mut held = lock(&self.held);
+        while *held {
+            held = self
+                .released
+                .wait(held)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if self.fail_next.swap(false, Ordering::AcqRel) {
+            return Err(io::Error::other("injected fdatasync failure"));
+        }
+        Ok(())
+    }
+
+    fn hold(&self, held: bool) {
+        *lock(&self.held) = held;
+        self.released.notify_all();
+    }
+}
 
 fn config(dir: &Path) -> JournalConfig {
     JournalConfig {
@@ -50,7 +79,7 @@ fn spread_over_segments() -> (tempfile::TempDir, Journal, Vec<Captured>) {
 }
 
 fn first_segment(dir: &Path) -> PathBuf {
-    segment_path(dir, list_segments(dir).unwrap()[0])
+    segment_path(dir, list_segments(dir, EXTENSION).unwrap()[0])
 }
 
 #[test]
@@ -100,7 +129,7 @@ fn a_torn_tail_is_cut_and_appends_continue_after_it() {
         journal.append(&[message(1), message(2)]).unwrap();
         journal.shutdown();
     }
-    let last = list_segments(dir.path()).unwrap().pop().unwrap();
+    let last = list_segments(dir.path(), EXTENSION).unwrap().pop().unwrap();
     let mut half = Vec::new();
     format::encode(&message(3), &mut half);
     half.truncate(half.len() / 2);
@@ -180,6 +209,143 @@ fn corruption_in_a_sealed_segment_is_skipped_and_counted() {
     assert!(reader.corrupt_bytes() > 0);
     assert!(back.len() < written.len());
     assert_eq!(back.last(), written.last());
+}
+
+#[test]
+fn a_failed_sync_fails_waiting_appends_and_refuses_later_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(JournalConfig {
+        fsync: FsyncPolicy::Always,
+        ..config(dir.path())
+    })
+    .unwrap();
+    journal.append(&[message(1)]).unwrap();
+    assert_eq!(journal.failure(), None);
+    journal
+        .shared
+        .hooks
+        .fail_next
+        .store(true, Ordering::Release);
+    let waited = journal.append(&[message(2)]);
+    assert!(matches!(waited, Err(AppendError::Failed(_))), "{waited:?}");
+    let reason = journal.failure().expect("the failure is exposed");
+    assert!(reason.contains("injected"), "{reason}");
+    // Not retried quietly: the log stays failed, later appends are refused unwritten.
+    let end = journal.end();
+    let refused = journal.append(&[message(3)]);
+    assert!(
+        matches!(refused, Err(AppendError::Failed(_))),
+        "{refused:?}"
+    );
+    assert_eq!(journal.end(), end);
+    journal.shutdown();
+}
+
+#[tokio::test]
+async fn a_failed_periodic_sync_is_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(JournalConfig {
+        fsync: FsyncPolicy::Periodic(Duration::from_millis(5)),
+        ..config(dir.path())
+    })
+    .unwrap();
+    journal.append(&[message(1)]).unwrap();
+    let failed = {
+        let journal = journal.clone();
+        tokio::spawn(async move { journal.failed().await })
+    };
+    journal
+        .shared
+        .hooks
+        .fail_next
+        .store(true, Ordering::Release);
+    journal.append(&[message(2)]).unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(30), failed)
+        .await
+        .expect("the failure is announced")
+        .unwrap();
+    assert!(reason.contains("fdatasync"), "{reason}");
+    assert!(matches!(
+        journal.append(&[message(3)]),
+        Err(AppendError::Failed(_))
+    ));
+    journal.shutdown();
+}
+
+#[test]
+fn always_appends_wait_for_their_sealed_segments_but_not_under_the_tail_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(JournalConfig {
+        fsync: FsyncPolicy::Always,
+        ..config(dir.path())
+    })
+    .unwrap();
+    journal.append(&[message(0)]).unwrap();
+    let first_end = journal.end();
+    // A disk that does not finish syncing: the syncer is held.
+    journal.shared.hooks.hold(true);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let appender = {
+        let journal = journal.clone();
+        std::thread::spawn(move || {
+            // Enough to roll the 4 KiB segment several times.
+            for n in 1..400 {
+                journal.append(&[message(n)]).unwrap();
+                let _ = done_tx.send(n);
+            }
+        })
+    };
+    // The deadline only catches a deadlock; it measures nothing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while journal.end() == first_end {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the append never wrote"
+        );
+        std::thread::yield_now();
+    }
+    // The appender waits for its sync, but not under the tail lock: what else takes it (the
+    // metrics, a reader) goes on.
+    assert_eq!(journal.segment_count(), 1);
+    let mut reader = journal.reader();
+    assert_eq!(reader.read(1 << 20).unwrap().records.len(), 2);
+    assert!(
+        done_rx.try_recv().is_err(),
+        "an Always append returned unsynced"
+    );
+    journal.shared.hooks.hold(false);
+    appender.join().unwrap();
+    let sealed = journal.segment_count() - 1;
+    assert!(sealed >= 5);
+    assert!(
+        journal.shared.hooks.sealed_synced.load(Ordering::Acquire) as usize >= sealed,
+        "every sealed segment was synced before the appends in it returned"
+    );
+    journal.shutdown();
+}
+
+#[test]
+fn rolling_under_a_held_sync_does_not_block_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(JournalConfig {
+        fsync: FsyncPolicy::Periodic(Duration::from_millis(1)),
+        ..config(dir.path())
+    })
+    .unwrap();
+    journal.shared.hooks.hold(true);
+    // Rolls many times while no sync can finish: on a slow disk a roll used to sync the sealed
+    // segment itself, holding the tail lock.
+    for n in 0..500 {
+        journal.append(&[message(n)]).unwrap();
+    }
+    assert!(journal.segment_count() > 5);
+    assert_eq!(
+        journal.shared.hooks.sealed_synced.load(Ordering::Acquire),
+        0
+    );
+    journal.shared.hooks.hold(false);
+    journal.shutdown();
+    assert!(journal.shared.hooks.sealed_synced.load(Ordering::Acquire) as usize >= 5);
 }
 
 #[tokio::test]
