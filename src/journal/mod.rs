@@ -6,10 +6,12 @@
 //! and it must never decide what a reading is (that is `domain::decode`).
 //!
 //! Layout on disk, in `dir`:
-//! - `<base>.seg`: segments of back-to-back records (`format`), named by the log position (LSN,
-//!   a byte offset over the whole log) of their first byte;
+//! - `<base>.wal`: segments, named by the log position (LSN, a byte offset over the whole log)
+//!   of their first byte. Each is a run of 32 KiB blocks holding records cut into checksummed
+//!   fragments (`format`); a record's LSN is the position of its first fragment;
 //! - `checkpoint`: the LSN below which everything is stored (written atomically by rename);
-//! - `meta`: this log's random id, which keeps dead-letter ids unique across wiped logs.
+//! - `meta`: this log's random id, which keeps dead-letter ids unique across wiped logs;
+//! - `<base>.seg`: segments in the first format, converted once at open and deleted (`legacy`).
 //!
 //! Durability: an append is one `write(2)` of a whole batch, so once `append` returns, a process
 //! crash cannot lose it. Power loss can lose what was not yet `fdatasync`ed; `FsyncPolicy` says
@@ -24,24 +26,34 @@
 //! `failed`) so the app can shut down; recovery starts again from what is on disk. A checkpoint
 //! that cannot be synced is only an error for its caller to log: segments are deleted only once
 //! a checkpoint is durable, and a stale one means duplicates on replay, never a loss.
+//!
+//! Damage: a reader that meets bytes it cannot frame skips to the next block boundary, where the
+//! writer guarantees a fragment starts, so a damaged stretch costs the records it touches and
+//! the rest of its 32 KiB block, not the rest of the segment. The bytes skipped are counted
+//! (`corrupt_bytes`) and each damaged stretch is logged once. Recovery at open cuts only a torn
+//! tail, whatever follows the active segment's last intact record; intact records after damage
+//! are kept for the reader.
 
 mod format;
+mod legacy;
+mod segment;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use crate::domain::Captured;
-use format::Frame;
+pub use format::MAX_PAYLOAD_BYTES;
+use segment::{Event, SegmentScan};
 
-const EXTENSION: &str = "seg";
+/// The extension of segments in the current format.
+const EXTENSION: &str = "wal";
 
 /// When appended bytes are forced to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,7 +151,8 @@ struct SyncState {
 }
 
 impl Journal {
-    /// Opens (or creates) the log in `config.dir`, cutting off a torn tail left by a crash.
+    /// Opens (or creates) the log in `config.dir`: converts a log in the first format, then cuts
+    /// off a torn tail left by a crash.
     pub fn open(config: JournalConfig) -> Result<Self, OpenError> {
         let dir = config.dir.clone();
         let io_err = |source| OpenError::Io {
@@ -149,6 +162,7 @@ impl Journal {
         fs::create_dir_all(&config.dir).map_err(io_err)?;
         let log_id = read_or_create_meta(&config.dir).map_err(io_err)?;
         let checkpoint = read_checkpoint(&config.dir);
+        legacy::upgrade(&config.dir, checkpoint).map_err(io_err)?;
         let mut segments = list_segments(&config.dir, EXTENSION).map_err(io_err)?;
         if segments.is_empty() {
             segments.push(checkpoint);
@@ -211,11 +225,13 @@ impl Journal {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut bytes = Vec::with_capacity(batch.len() * 160);
+        // Bodies outside the lock; framing needs the block offset, known only under it.
+        let mut bodies = Vec::with_capacity(batch.len() * 160);
+        let mut ends = Vec::with_capacity(batch.len());
         for message in batch {
-            format::encode(message, &mut bytes);
+            format::encode_body(message, &mut bodies);
+            ends.push(bodies.len());
         }
-        let len = bytes.len() as u64;
         let end = {
             let mut tail = lock(&self.shared.tail);
             // Checked under the lock, so `close` leaves a well-defined end behind it.
@@ -225,16 +241,18 @@ impl Journal {
             if let Some(reason) = self.failure() {
                 return Err(AppendError::Failed(reason));
             }
+            let mut bytes = frame_all(&bodies, &ends, tail.end - tail.base());
             let pending = tail.end - self.shared.stored.load(Ordering::Acquire);
-            if pending + len > self.shared.config.max_bytes {
+            if pending + bytes.len() as u64 > self.shared.config.max_bytes {
                 return Err(AppendError::Full {
                     pending,
                     max: self.shared.config.max_bytes,
                 });
             }
             let offset = tail.end - tail.base();
-            if offset > 0 && offset + len > self.shared.config.segment_bytes {
+            if offset > 0 && offset + bytes.len() as u64 > self.shared.config.segment_bytes {
                 self.roll(&mut tail)?;
+                bytes = frame_all(&bodies, &ends, 0);
             }
             if let Err(e) = (&*tail.active).write_all(&bytes) {
                 // A partial write would leave half a record that later appends follow; cut it.
@@ -247,7 +265,7 @@ impl Journal {
                 }
                 return Err(e.into());
             }
-            tail.end += len;
+            tail.end += bytes.len() as u64;
             self.shared.end.send_replace(tail.end);
             tail.end
         };
@@ -390,9 +408,9 @@ impl Journal {
             journal: self.clone(),
             end_rx: self.shared.end.subscribe(),
             position: self.stored(),
-            file: None,
-            carry: BytesMut::new(),
+            segment: None,
             corrupt_bytes: 0,
+            damage: None,
         }
     }
 
@@ -437,22 +455,29 @@ impl Shared {
     }
 }
 
+/// The fragments of every body in `bodies` (ending at `ends`), to be written at `offset` into
+/// the active segment.
+fn frame_all(bodies: &[u8], ends: &[usize], offset: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bodies.len() + ends.len() * format::HEADER_BYTES + 64);
+    let mut from = 0;
+    for &to in ends {
+        format::frame(&bodies[from..to], offset + out.len() as u64, &mut out);
+        from = to;
+    }
+    out
+}
+
 /// Reads the log in order from a position, waiting at its end for more.
 #[derive(Debug)]
 pub struct JournalReader {
     journal: Journal,
     end_rx: watch::Receiver<u64>,
     position: u64,
-    file: Option<OpenSegment>,
-    /// Bytes read past the last whole record.
-    carry: BytesMut,
+    /// The segment being read, by base.
+    segment: Option<(u64, SegmentScan)>,
     corrupt_bytes: u64,
-}
-
-#[derive(Debug)]
-struct OpenSegment {
-    base: u64,
-    file: File,
+    /// The damaged stretch being skipped (LSNs), logged once it ends.
+    damage: Option<(u64, u64)>,
 }
 
 /// A record and the log position (LSN) of its first byte, unique within this log.
@@ -470,7 +495,8 @@ pub struct Batch {
 }
 
 impl JournalReader {
-    /// The LSN of the next record to read.
+    /// The LSN from which the next record is looked for: always where a record may start (the
+    /// end of one, or the end of a damaged stretch), so it can be marked stored and resumed at.
     pub fn position(&self) -> u64 {
         self.position
     }
@@ -490,114 +516,98 @@ impl JournalReader {
         }
     }
 
-    /// Reads whole records up to about `max_bytes`, without waiting. Blocking file I/O: call it
-    /// where blocking is allowed.
+    /// Reads whole records from about `max_bytes` of the log, without waiting; a record larger
+    /// than that is still read whole. Blocking file I/O: call it where blocking is allowed.
     pub fn read(&mut self, max_bytes: usize) -> io::Result<Batch> {
         let end = self.journal.end();
         let start = self.position;
         let mut records = Vec::new();
         while self.position < end && self.position - start < max_bytes as u64 {
-            let dir = self.journal.shared.config.dir.clone();
             let (base, next_base) = self.journal.segment_for(self.position).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("no local log segment holds position {}", self.position),
                 )
             })?;
-            if self.file.as_ref().is_none_or(|open| open.base != base) {
-                self.carry.clear();
-                self.file = Some(OpenSegment {
-                    base,
-                    file: File::open(segment_path(&dir, base))?,
-                });
-            }
-            let Some(open) = self.file.as_mut() else {
-                break;
-            };
-            // A batch never spans segments, so a segment ends at the next one's base.
+            // A segment ends at the next one's base; the active one where the log does.
             let segment_end = next_base.unwrap_or(end).min(end);
-            let file_pos = self.position - base + self.carry.len() as u64;
-            let want = (segment_end - base).saturating_sub(file_pos);
-            let (mut got, mut short) = (0, false);
-            if want > 0 {
-                let want = want.min(max_bytes.max(64 * 1024) as u64) as usize;
-                let from = self.carry.len();
-                self.carry.resize(from + want, 0);
-                open.file.seek(SeekFrom::Start(file_pos))?;
-                got = read_full(&mut open.file, &mut self.carry[from..])?;
-                self.carry.truncate(from + got);
-                // The file ends before the log says it does: it was cut on disk.
-                short = got < want;
-            }
-            let buf = self.carry.split().freeze();
-            // Readers stop at `end`, which only ever covers whole appends: a frame still
-            // incomplete once everything up to the segment's end (or the file's) is in hand can
-            // never complete. That is damage, like a bad checksum.
-            let exhausted = short || self.position + buf.len() as u64 >= segment_end;
-            let mut used = 0;
-            while used < buf.len() {
-                match format::decode(&buf.slice(used..)) {
-                    Frame::Record(message, len) => {
-                        records.push(Record {
-                            lsn: self.position + used as u64,
-                            message,
-                        });
-                        used += len;
+            let mut scan = match self.segment.take() {
+                Some((open, scan)) if open == base => scan,
+                _ => {
+                    let path = segment_path(&self.journal.shared.config.dir, base);
+                    SegmentScan::new(File::open(path)?, segment_end - base, max_bytes)
+                }
+            };
+            scan.set_len(segment_end - base);
+            while self.position < segment_end && self.position - start < max_bytes as u64 {
+                match scan.next(self.position - base)? {
+                    Event::Record {
+                        start: first,
+                        end: past,
+                        body,
+                    } => {
+                        let lsn = base + first;
+                        match format::decode_body(&body) {
+                            Some(message) => {
+                                self.end_damage();
+                                records.push(Record { lsn, message });
+                            }
+                            // Intact frames around a body this version cannot read.
+                            None => self.damaged(lsn, base + past),
+                        }
+                        self.position = base + past;
                     }
-                    Frame::Incomplete if !exhausted => break,
-                    Frame::Incomplete | Frame::Corrupt => {
-                        // The segment was damaged on disk. Nothing after the damage in it can
-                        // be framed again: skip to the segment's end and count the loss.
-                        let at = self.position + used as u64;
-                        let skipped = segment_end.saturating_sub(at);
-                        tracing::error!(
-                            lsn = at,
-                            skipped_bytes = skipped,
-                            "local log segment is corrupt; skipping the rest of it"
-                        );
-                        self.corrupt_bytes += skipped;
-                        self.position = segment_end;
-                        used = buf.len();
-                        break;
+                    Event::Damage {
+                        start: first,
+                        end: past,
+                    } => {
+                        self.damaged(base + first, base + past);
+                        self.position = base + past;
                     }
+                    Event::End => self.position = segment_end,
                 }
             }
-            if used < buf.len() {
-                self.carry.extend_from_slice(&buf[used..]);
-                self.position += used as u64;
-            } else if self.position < segment_end {
-                self.position += used as u64;
+            // Done with a sealed segment once past its end; the active one grows.
+            if self.position < segment_end || next_base.is_none() {
+                self.segment = Some((base, scan));
             }
-            let at_segment_end = self.position >= segment_end && next_base.is_some();
-            if at_segment_end {
-                self.carry.clear();
-                self.file = None;
-            } else if got == 0 && used == 0 {
-                // Nothing more can be framed until more is written.
-                break;
-            }
+        }
+        if self.position >= end {
+            // What comes next is appended after a whole record: a damaged stretch ends here.
+            self.end_damage();
         }
         Ok(Batch {
             records,
             end: self.position,
         })
     }
-}
 
-fn read_full(file: &mut File, mut buf: &mut [u8]) -> io::Result<usize> {
-    let mut total = 0;
-    while !buf.is_empty() {
-        match file.read(buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                total += n;
-                buf = &mut buf[n..];
+    /// Counts damaged bytes, merging a stretch that continues the one being skipped.
+    fn damaged(&mut self, from: u64, to: u64) {
+        self.corrupt_bytes += to - from;
+        match &mut self.damage {
+            // Block trailers (under a header's size) may separate the pieces of one stretch.
+            Some((_, end)) if from.saturating_sub(*end) < format::HEADER_BYTES as u64 => {
+                *end = to;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            _ => {
+                self.end_damage();
+                self.damage = Some((from, to));
+            }
         }
     }
-    Ok(total)
+
+    fn end_damage(&mut self) {
+        if let Some((from, to)) = self.damage.take() {
+            tracing::error!(
+                lsn = from,
+                end = to,
+                skipped_bytes = to - from,
+                "the local log is damaged here (disk corruption); skipped to the next intact \
+                 record"
+            );
+        }
+    }
 }
 
 fn run_syncer(shared: &Weak<Shared>) {
@@ -740,25 +750,45 @@ fn read_or_create_meta(dir: &Path) -> io::Result<String> {
     Ok(id)
 }
 
-/// Scans a segment and cuts it after its last whole record. Returns the kept length.
+/// Scans the active segment and cuts it after its last intact record: only a torn tail goes,
+/// never intact records after damage. Returns the kept length.
 fn recover_tail(path: &Path) -> io::Result<u64> {
-    let bytes = Bytes::from(fs::read(path)?);
-    let mut valid = 0;
-    while let Frame::Record(_, len) = format::decode(&bytes.slice(valid..)) {
-        valid += len;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut scan = SegmentScan::new(file, len, 1 << 20);
+    // Damage is only known to be kept (not part of the tail) once an intact record follows.
+    let (mut at, mut valid, mut damaged, mut kept_damage) = (0, 0, 0, 0);
+    loop {
+        match scan.next(at)? {
+            Event::Record { end, .. } => {
+                kept_damage += std::mem::take(&mut damaged);
+                valid = end;
+                at = end;
+            }
+            Event::Damage { start, end } => {
+                damaged += end - start;
+                at = end;
+            }
+            Event::End => break,
+        }
     }
-    if valid < bytes.len() {
+    if valid < len {
         tracing::warn!(
             segment = %path.display(),
-            cut_bytes = bytes.len() - valid,
-            "cutting a torn record off the local log (a crash interrupted a write)"
+            cut_bytes = len - valid,
+            "cutting a torn tail off the local log (a crash interrupted a write)"
         );
-        OpenOptions::new()
-            .write(true)
-            .open(path)?
-            .set_len(valid as u64)?;
+        OpenOptions::new().write(true).open(path)?.set_len(valid)?;
     }
-    Ok(valid as u64)
+    if kept_damage > 0 {
+        tracing::warn!(
+            segment = %path.display(),
+            damaged_bytes = kept_damage,
+            "the local log's active segment is damaged before its last intact record; the \
+             reader will skip the damage and read the records after it"
+        );
+    }
+    Ok(valid)
 }
 
 #[cfg(test)]
