@@ -12,6 +12,7 @@ mod faults;
 mod ingest;
 mod latest;
 mod malformed;
+mod payload_limit;
 mod range;
 mod simulator;
 mod startup;
