@@ -11,6 +11,7 @@ mod corpus;
 mod faults;
 mod ingest;
 mod latest;
+mod log_damage;
 mod malformed;
 mod payload_limit;
 mod range;
