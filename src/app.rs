@@ -174,6 +174,7 @@ impl Application {
             }
         });
         services.spawn(keep_checkpointing(journal.clone(), intake.clone()));
+        services.spawn(stop_when_the_log_fails(journal.clone(), intake.clone()));
 
         let sink: CaptureSink = {
             let journal = journal.clone();
@@ -364,6 +365,17 @@ async fn keep_checkpointing(journal: Journal, stop: CancellationToken) -> anyhow
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || journal.checkpoint()).await {
             tracing::error!(error = %e, "cannot write the local log checkpoint; retrying");
         }
+    }
+}
+
+/// Fails once the log has failed (a sync that did not reach the disk), which shuts the process
+/// down in order: the log already refuses appends, so running on would only refuse readings.
+async fn stop_when_the_log_fails(journal: Journal, stop: CancellationToken) -> anyhow::Result<()> {
+    tokio::select! {
+        reason = journal.failed() => Err(anyhow::anyhow!(
+            "the local log failed ({reason}); stopping so that a restart recovers it"
+        )),
+        () = stop.cancelled() => Ok(()),
     }
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::broker::external::{self, ExternalConfig, ExternalError};
 use crate::domain::{Limits, NaiveZone, Timestamp};
-use crate::journal::FsyncPolicy;
+use crate::journal::{FsyncPolicy, MAX_PAYLOAD_BYTES};
 use crate::store::WriteConcern;
 
 /// Every setting of `serve`, with its default.
@@ -66,7 +66,7 @@ pub struct Settings {
     pub journal_fsync: String,
     /// Interval of periodic syncs, in milliseconds.
     pub journal_fsync_interval_ms: u64,
-    /// Largest accepted payload, in bytes.
+    /// Largest accepted payload, in bytes (at most `journal::MAX_PAYLOAD_BYTES`, 1 MiB).
     pub max_payload_bytes: usize,
     /// Longest accepted topic, in bytes.
     pub max_topic_bytes: usize,
@@ -217,7 +217,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_JOURNAL_FSYNC_INTERVAL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub journal_fsync_interval_ms: Option<u64>,
-    /// Largest accepted payload in bytes [default: 16384]
+    /// Largest accepted payload in bytes, at most 1048576 [default: 16384]
     #[arg(long, env = "SENSORHUB_MAX_PAYLOAD_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_payload_bytes: Option<usize>,
@@ -299,8 +299,11 @@ impl Settings {
         if self.journal_max_bytes < self.journal_segment_bytes {
             return fail("journal_max_bytes must be at least journal_segment_bytes".into());
         }
-        if self.max_payload_bytes == 0 || self.max_payload_bytes > 1 << 20 {
-            return fail("max_payload_bytes must be between 1 and 1048576".into());
+        // The log sizes its records for this bound: whatever is admitted here fits in it.
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > MAX_PAYLOAD_BYTES {
+            return fail(format!(
+                "max_payload_bytes must be between 1 and {MAX_PAYLOAD_BYTES}"
+            ));
         }
         if self.dead_letter_ttl_days == 0 {
             return fail("dead_letter_ttl_days must be at least 1".into());
@@ -431,5 +434,11 @@ mod tests {
             bad(|s| s.naive_timestamp_zone = "Nowhere/Land".into())
                 .contains("naive_timestamp_zone")
         );
+        assert!(bad(|s| s.max_payload_bytes = MAX_PAYLOAD_BYTES + 1).contains("max_payload_bytes"));
+        let largest = Settings {
+            max_payload_bytes: MAX_PAYLOAD_BYTES,
+            ..Settings::default()
+        };
+        largest.validate().unwrap();
     }
 }

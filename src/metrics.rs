@@ -34,7 +34,8 @@ pub struct Metrics {
     pub cache_errors: AtomicU64,
     /// Per-sensor latest sets rebuilt from MongoDB.
     pub cache_rebuilds: AtomicU64,
-    /// Bytes of the local log skipped as corrupt.
+    /// Bytes of the local log skipped as corrupt (set from the writer's reader, which only
+    /// ever counts up).
     pub journal_corrupt_bytes: AtomicU64,
 }
 
@@ -64,7 +65,7 @@ impl Metrics {
     /// The Prometheus text exposition of every counter and `gauges`.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 11] = [
             (
                 "sensorhub_messages_captured_total",
                 "Messages on sensors/# written to the local log before their acknowledgement.",
@@ -115,6 +116,11 @@ impl Metrics {
                 "Latest-ten sets rebuilt from MongoDB.",
                 &self.cache_rebuilds,
             ),
+            (
+                "sensorhub_journal_corrupt_bytes_total",
+                "Bytes of the local log skipped as corrupt (disk damage).",
+                &self.journal_corrupt_bytes,
+            ),
         ];
         for (name, help, counter) in counters {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
@@ -143,11 +149,6 @@ impl Metrics {
                 "sensorhub_journal_segments",
                 "Segment files of the local log.",
                 gauges.journal_segments,
-            ),
-            (
-                "sensorhub_journal_corrupt_bytes",
-                "Bytes of the local log skipped as corrupt.",
-                self.journal_corrupt_bytes.load(Ordering::Relaxed),
             ),
             (
                 "sensorhub_cache_dirty_sensors",
@@ -187,6 +188,9 @@ mod tests {
         assert!(text.contains("sensorhub_readings_stored_total 3\n"));
         assert!(text.contains("sensorhub_dead_letters_total{reason=\"invalid_json\"} 2\n"));
         assert!(text.contains("sensorhub_journal_pending_bytes 42\n"));
+        assert!(text.contains(
+            "# TYPE sensorhub_journal_corrupt_bytes_total counter\nsensorhub_journal_corrupt_bytes_total 0\n"
+        ));
         assert_eq!(m.dead_letters_total(), 2);
     }
 }

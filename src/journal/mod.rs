@@ -6,30 +6,54 @@
 //! and it must never decide what a reading is (that is `domain::decode`).
 //!
 //! Layout on disk, in `dir`:
-//! - `<base>.seg`: segments of back-to-back records (`format`), named by the log position (LSN,
-//!   a byte offset over the whole log) of their first byte;
+//! - `<base>.wal`: segments, named by the log position (LSN, a byte offset over the whole log)
+//!   of their first byte. Each is a run of 32 KiB blocks holding records cut into checksummed
+//!   fragments (`format`); a record's LSN is the position of its first fragment;
 //! - `checkpoint`: the LSN below which everything is stored (written atomically by rename);
-//! - `meta`: this log's random id, which keeps dead-letter ids unique across wiped logs.
+//! - `meta`: this log's random id, which keeps dead-letter ids unique across wiped logs;
+//! - `<base>.seg`: segments in the first format, converted once at open and deleted (`legacy`).
 //!
 //! Durability: an append is one `write(2)` of a whole batch, so once `append` returns, a process
 //! crash cannot lose it. Power loss can lose what was not yet `fdatasync`ed; `FsyncPolicy` says
-//! how long that window is.
+//! how long that window is. One thread does the log's syncs: the active segment's (as the policy
+//! says), each sealed segment's once after a roll, and the directory's after a segment is
+//! created, all before it declares anything durable; appends never wait for a sync under the
+//! lock other appends need. The directory is also synced after `meta` is created and after the
+//! checkpoint's rename. A failed `fdatasync` is final: the kernel may have dropped the pages it
+//! could not write, so a later sync that succeeds would prove nothing (PostgreSQL's lesson). The
+//! log then refuses appends (`AppendError::Failed`: no acknowledgement, so publishers send again
+//! after a restart), fails the appends waiting on that sync, and reports it (`failure`,
+//! `failed`) so the app can shut down; recovery starts again from what is on disk. A checkpoint
+//! that cannot be synced is only an error for its caller to log: segments are deleted only once
+//! a checkpoint is durable, and a stale one means duplicates on replay, never a loss.
+//!
+//! Damage: a reader that meets bytes it cannot frame skips to the next block boundary, where the
+//! writer guarantees a fragment starts, so a damaged stretch costs the records it touches and
+//! the rest of its 32 KiB block, not the rest of the segment. The bytes skipped are counted
+//! (`corrupt_bytes`) and each damaged stretch is logged once. Recovery at open cuts only a torn
+//! tail, whatever follows the active segment's last intact record; intact records after damage
+//! are kept for the reader.
 
 mod format;
+mod legacy;
+mod segment;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 
 use crate::domain::Captured;
-use format::Frame;
+pub use format::MAX_PAYLOAD_BYTES;
+use segment::{Event, SegmentScan};
+
+/// The extension of segments in the current format.
+const EXTENSION: &str = "wal";
 
 /// When appended bytes are forced to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +84,10 @@ pub enum AppendError {
     Closed,
     #[error("the local log cannot be written: {0}")]
     Io(#[from] io::Error),
+    /// An earlier sync or write failed in a way that leaves what is on disk unknown; nothing is
+    /// accepted until a restart has recovered the log.
+    #[error("the local log failed and accepts nothing until sensorhub restarts: {0}")]
+    Failed(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,27 +114,45 @@ struct Shared {
     /// The LSN last persisted in the checkpoint file.
     persisted: AtomicU64,
     closed: AtomicBool,
+    /// Why the log failed, once it has.
+    failure: watch::Sender<Option<String>>,
     sync: SyncState,
     syncer: Mutex<Option<JoinHandle<()>>>,
+    #[cfg(test)]
+    hooks: tests::Hooks,
 }
 
 #[derive(Debug)]
 struct Tail {
     /// Bases of all segments on disk, ascending; the last is the active one.
     segments: Vec<u64>,
-    active: File,
+    active: Arc<File>,
     end: u64,
+    /// Segments sealed since the last sync; the syncer syncs each once.
+    unsynced: Vec<Arc<File>>,
+    /// A segment was created since the directory was last synced.
+    dir_unsynced: bool,
+}
+
+impl Tail {
+    fn base(&self) -> u64 {
+        self.segments.last().copied().unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Default)]
 struct SyncState {
+    /// The LSN below which everything is on disk.
     durable: Mutex<u64>,
     changed: Condvar,
     stop: AtomicBool,
+    /// The syncer has returned: nothing more becomes durable.
+    exited: AtomicBool,
 }
 
 impl Journal {
-    /// Opens (or creates) the log in `config.dir`, cutting off a torn tail left by a crash.
+    /// Opens (or creates) the log in `config.dir`: converts a log in the first format, then cuts
+    /// off a torn tail left by a crash.
     pub fn open(config: JournalConfig) -> Result<Self, OpenError> {
         let dir = config.dir.clone();
         let io_err = |source| OpenError::Io {
@@ -115,49 +161,56 @@ impl Journal {
         };
         fs::create_dir_all(&config.dir).map_err(io_err)?;
         let log_id = read_or_create_meta(&config.dir).map_err(io_err)?;
-        let mut segments = list_segments(&config.dir).map_err(io_err)?;
         let checkpoint = read_checkpoint(&config.dir);
+        legacy::upgrade(&config.dir, checkpoint).map_err(io_err)?;
+        let mut segments = list_segments(&config.dir, EXTENSION).map_err(io_err)?;
         if segments.is_empty() {
             segments.push(checkpoint);
             File::create(segment_path(&config.dir, checkpoint)).map_err(io_err)?;
+            sync_dir(&config.dir).map_err(io_err)?;
         }
         let last = *segments.last().unwrap_or(&checkpoint);
         let valid = recover_tail(&segment_path(&config.dir, last)).map_err(io_err)?;
         let end = last + valid;
-        let mut active = OpenOptions::new()
+        let active = OpenOptions::new()
             .append(true)
             .open(segment_path(&config.dir, last))
             .map_err(io_err)?;
-        active.flush().map_err(io_err)?;
         // Everything before the first segment was stored and deleted.
         let stored = checkpoint.clamp(segments[0], end);
         let (end_tx, _) = watch::channel(end);
+        let (failure, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             config,
             log_id,
             tail: Mutex::new(Tail {
                 segments,
-                active,
+                active: Arc::new(active),
                 end,
+                unsynced: Vec::new(),
+                dir_unsynced: false,
             }),
             end: end_tx,
             stored: AtomicU64::new(stored),
             persisted: AtomicU64::new(stored),
             closed: AtomicBool::new(false),
+            failure,
             sync: SyncState {
                 durable: Mutex::new(end),
                 ..SyncState::default()
             },
             syncer: Mutex::new(None),
+            #[cfg(test)]
+            hooks: tests::Hooks::default(),
         });
-        if shared.config.fsync != FsyncPolicy::Never {
-            let for_thread = Arc::clone(&shared);
-            let handle = std::thread::Builder::new()
-                .name("journal-sync".into())
-                .spawn(move || run_syncer(&for_thread))
-                .map_err(io_err)?;
-            *lock(&shared.syncer) = Some(handle);
-        }
+        // Every policy needs the thread: sealed segments and new directory entries are synced
+        // whatever the policy, as they were when a roll synced them itself.
+        let weak = Arc::downgrade(&shared);
+        let handle = std::thread::Builder::new()
+            .name("journal-sync".into())
+            .spawn(move || run_syncer(&weak))
+            .map_err(io_err)?;
+        *lock(&shared.syncer) = Some(handle);
         Ok(Self { shared })
     }
 
@@ -166,40 +219,53 @@ impl Journal {
         &self.shared.log_id
     }
 
-    /// Appends `batch` as one write. Once this returns `Ok`, a process crash cannot lose it.
+    /// Appends `batch` as one write. Once this returns `Ok`, a process crash cannot lose it
+    /// (and, with `FsyncPolicy::Always`, neither can power loss).
     pub fn append(&self, batch: &[Captured]) -> Result<(), AppendError> {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut bytes = Vec::with_capacity(batch.len() * 160);
+        // Bodies outside the lock; framing needs the block offset, known only under it.
+        let mut bodies = Vec::with_capacity(batch.len() * 160);
+        let mut ends = Vec::with_capacity(batch.len());
         for message in batch {
-            format::encode(message, &mut bytes);
+            format::encode_body(message, &mut bodies);
+            ends.push(bodies.len());
         }
-        let len = bytes.len() as u64;
         let end = {
             let mut tail = lock(&self.shared.tail);
             // Checked under the lock, so `close` leaves a well-defined end behind it.
             if self.shared.closed.load(Ordering::Acquire) {
                 return Err(AppendError::Closed);
             }
+            if let Some(reason) = self.failure() {
+                return Err(AppendError::Failed(reason));
+            }
+            let mut bytes = frame_all(&bodies, &ends, tail.end - tail.base());
             let pending = tail.end - self.shared.stored.load(Ordering::Acquire);
-            if pending + len > self.shared.config.max_bytes {
+            if pending + bytes.len() as u64 > self.shared.config.max_bytes {
                 return Err(AppendError::Full {
                     pending,
                     max: self.shared.config.max_bytes,
                 });
             }
-            let base = *tail.segments.last().unwrap_or(&0);
-            if tail.end > base && tail.end - base + len > self.shared.config.segment_bytes {
+            let offset = tail.end - tail.base();
+            if offset > 0 && offset + bytes.len() as u64 > self.shared.config.segment_bytes {
                 self.roll(&mut tail)?;
+                bytes = frame_all(&bodies, &ends, 0);
             }
-            if let Err(e) = tail.active.write_all(&bytes) {
+            if let Err(e) = (&*tail.active).write_all(&bytes) {
                 // A partial write would leave half a record that later appends follow; cut it.
-                let base = *tail.segments.last().unwrap_or(&0);
-                let _ = tail.active.set_len(tail.end - base);
+                // If even that fails, the file no longer ends where the log thinks it does.
+                let offset = tail.end - tail.base();
+                if let Err(cut) = tail.active.set_len(offset) {
+                    self.shared.fail(format!(
+                        "a failed write ({e}) could not be cut off the active segment: {cut}"
+                    ));
+                }
                 return Err(e.into());
             }
-            tail.end += len;
+            tail.end += bytes.len() as u64;
             self.shared.end.send_replace(tail.end);
             tail.end
         };
@@ -210,24 +276,38 @@ impl Journal {
                 let _durable = lock(&self.shared.sync.durable);
                 self.shared.sync.changed.notify_all();
             }
-            self.wait_durable(end);
+            self.wait_durable(end)?;
         }
         Ok(())
     }
 
+    /// Seals the active segment and starts the next. The sealed one is synced by the syncer,
+    /// not here: a slow disk must not hold the lock every appender needs.
     fn roll(&self, tail: &mut Tail) -> Result<(), AppendError> {
-        // Sealed segments are synced once here, so recovery only ever checks the active one.
-        tail.active.sync_data()?;
         let path = segment_path(&self.shared.config.dir, tail.end);
-        tail.active = OpenOptions::new().create(true).append(true).open(path)?;
+        let next = OpenOptions::new().create(true).append(true).open(path)?;
+        let sealed = std::mem::replace(&mut tail.active, Arc::new(next));
+        tail.unsynced.push(sealed);
+        tail.dir_unsynced = true;
         tail.segments.push(tail.end);
         Ok(())
     }
 
-    fn wait_durable(&self, lsn: u64) {
+    fn wait_durable(&self, lsn: u64) -> Result<(), AppendError> {
         let sync = &self.shared.sync;
         let mut durable = lock(&sync.durable);
-        while *durable < lsn && !sync.stop.load(Ordering::Acquire) {
+        loop {
+            if *durable >= lsn {
+                return Ok(());
+            }
+            if let Some(reason) = self.failure() {
+                return Err(AppendError::Failed(reason));
+            }
+            if sync.exited.load(Ordering::Acquire) {
+                // Cannot happen after an orderly shutdown (its last sync covers every append
+                // `close` let through), but an append that is not durable must not be acked.
+                return Err(AppendError::Closed);
+            }
             durable = sync
                 .changed
                 .wait_timeout(durable, Duration::from_millis(50))
@@ -245,6 +325,27 @@ impl Journal {
 
     pub fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Why the log failed (a sync or write whose outcome on disk is unknown), if it has. A
+    /// failed log refuses appends for good; the process should restart.
+    pub fn failure(&self) -> Option<String> {
+        self.shared.failure.borrow().clone()
+    }
+
+    /// Resolves once the log has failed, with the reason.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.shared.failure.subscribe();
+        let reason = failure
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|reason| reason.clone());
+        match reason {
+            Some(reason) => reason,
+            // The sender lives as long as `self`: never.
+            None => std::future::pending().await,
+        }
     }
 
     /// The LSN up to which records are written.
@@ -271,7 +372,8 @@ impl Journal {
         self.shared.stored.fetch_max(lsn, Ordering::AcqRel);
     }
 
-    /// Persists the stored mark and deletes segments that lie wholly below it.
+    /// Persists the stored mark and deletes segments that lie wholly below it. Segments are
+    /// deleted only after the new checkpoint is durable (file and rename both synced).
     pub fn checkpoint(&self) -> io::Result<()> {
         let stored = self.stored();
         if stored == self.shared.persisted.load(Ordering::Acquire) {
@@ -283,6 +385,7 @@ impl Journal {
         writeln!(file, "{stored}")?;
         file.sync_data()?;
         fs::rename(&tmp, dir.join("checkpoint"))?;
+        sync_dir(dir)?;
         self.shared.persisted.store(stored, Ordering::Release);
         let doomed: Vec<u64> = {
             let mut tail = lock(&self.shared.tail);
@@ -305,22 +408,23 @@ impl Journal {
             journal: self.clone(),
             end_rx: self.shared.end.subscribe(),
             position: self.stored(),
-            file: None,
-            carry: BytesMut::new(),
+            segment: None,
             corrupt_bytes: 0,
+            damage: None,
         }
     }
 
-    /// Stops the sync thread after a last sync. Appends must be closed first.
+    /// Stops the sync thread after a last sync of everything written. Appends are closed first.
     pub fn shutdown(&self) {
         self.close();
-        self.shared.sync.stop.store(true, Ordering::Release);
-        self.shared.sync.changed.notify_all();
+        {
+            let _durable = lock(&self.shared.sync.durable);
+            self.shared.sync.stop.store(true, Ordering::Release);
+            self.shared.sync.changed.notify_all();
+        }
         if let Some(handle) = lock(&self.shared.syncer).take() {
             let _ = handle.join();
         }
-        let tail = lock(&self.shared.tail);
-        let _ = tail.active.sync_data();
     }
 
     fn segment_for(&self, lsn: u64) -> Option<(u64, Option<u64>)> {
@@ -330,22 +434,50 @@ impl Journal {
     }
 }
 
+impl Shared {
+    /// Enters the failed state (once; later reasons are dropped) and wakes every waiter.
+    fn fail(&self, reason: String) {
+        let first = self.failure.send_if_modified(|failure| {
+            if failure.is_some() {
+                return false;
+            }
+            *failure = Some(reason.clone());
+            true
+        });
+        if first {
+            tracing::error!(
+                error = %reason,
+                "the local log failed: refusing all appends until sensorhub restarts"
+            );
+        }
+        let _durable = lock(&self.sync.durable);
+        self.sync.changed.notify_all();
+    }
+}
+
+/// The fragments of every body in `bodies` (ending at `ends`), to be written at `offset` into
+/// the active segment.
+fn frame_all(bodies: &[u8], ends: &[usize], offset: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bodies.len() + ends.len() * format::HEADER_BYTES + 64);
+    let mut from = 0;
+    for &to in ends {
+        format::frame(&bodies[from..to], offset + out.len() as u64, &mut out);
+        from = to;
+    }
+    out
+}
+
 /// Reads the log in order from a position, waiting at its end for more.
 #[derive(Debug)]
 pub struct JournalReader {
     journal: Journal,
     end_rx: watch::Receiver<u64>,
     position: u64,
-    file: Option<OpenSegment>,
-    /// Bytes read past the last whole record.
-    carry: BytesMut,
+    /// The segment being read, by base.
+    segment: Option<(u64, SegmentScan)>,
     corrupt_bytes: u64,
-}
-
-#[derive(Debug)]
-struct OpenSegment {
-    base: u64,
-    file: File,
+    /// The damaged stretch being skipped (LSNs), logged once it ends.
+    damage: Option<(u64, u64)>,
 }
 
 /// A record and the log position (LSN) of its first byte, unique within this log.
@@ -363,7 +495,8 @@ pub struct Batch {
 }
 
 impl JournalReader {
-    /// The LSN of the next record to read.
+    /// The LSN from which the next record is looked for: always where a record may start (the
+    /// end of one, or the end of a damaged stretch), so it can be marked stored and resumed at.
     pub fn position(&self) -> u64 {
         self.position
     }
@@ -383,150 +516,178 @@ impl JournalReader {
         }
     }
 
-    /// Reads whole records up to about `max_bytes`, without waiting. Blocking file I/O: call it
-    /// where blocking is allowed.
+    /// Reads whole records from about `max_bytes` of the log, without waiting; a record larger
+    /// than that is still read whole. Blocking file I/O: call it where blocking is allowed.
     pub fn read(&mut self, max_bytes: usize) -> io::Result<Batch> {
         let end = self.journal.end();
         let start = self.position;
         let mut records = Vec::new();
         while self.position < end && self.position - start < max_bytes as u64 {
-            let dir = self.journal.shared.config.dir.clone();
             let (base, next_base) = self.journal.segment_for(self.position).ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::NotFound,
                     format!("no local log segment holds position {}", self.position),
                 )
             })?;
-            if self.file.as_ref().is_none_or(|open| open.base != base) {
-                self.carry.clear();
-                self.file = Some(OpenSegment {
-                    base,
-                    file: File::open(segment_path(&dir, base))?,
-                });
-            }
-            let Some(open) = self.file.as_mut() else {
-                break;
-            };
-            // A batch never spans segments, so a segment ends at the next one's base.
+            // A segment ends at the next one's base; the active one where the log does.
             let segment_end = next_base.unwrap_or(end).min(end);
-            let file_pos = self.position - base + self.carry.len() as u64;
-            let want = (segment_end - base).saturating_sub(file_pos);
-            let (mut got, mut short) = (0, false);
-            if want > 0 {
-                let want = want.min(max_bytes.max(64 * 1024) as u64) as usize;
-                let from = self.carry.len();
-                self.carry.resize(from + want, 0);
-                open.file.seek(SeekFrom::Start(file_pos))?;
-                got = read_full(&mut open.file, &mut self.carry[from..])?;
-                self.carry.truncate(from + got);
-                // The file ends before the log says it does: it was cut on disk.
-                short = got < want;
-            }
-            let buf = self.carry.split().freeze();
-            // Readers stop at `end`, which only ever covers whole appends: a frame still
-            // incomplete once everything up to the segment's end (or the file's) is in hand can
-            // never complete. That is damage, like a bad checksum.
-            let exhausted = short || self.position + buf.len() as u64 >= segment_end;
-            let mut used = 0;
-            while used < buf.len() {
-                match format::decode(&buf.slice(used..)) {
-                    Frame::Record(message, len) => {
-                        records.push(Record {
-                            lsn: self.position + used as u64,
-                            message,
-                        });
-                        used += len;
+            let mut scan = match self.segment.take() {
+                Some((open, scan)) if open == base => scan,
+                _ => {
+                    let path = segment_path(&self.journal.shared.config.dir, base);
+                    SegmentScan::new(File::open(path)?, segment_end - base, max_bytes)
+                }
+            };
+            scan.set_len(segment_end - base);
+            while self.position < segment_end && self.position - start < max_bytes as u64 {
+                match scan.next(self.position - base)? {
+                    Event::Record {
+                        start: first,
+                        end: past,
+                        body,
+                    } => {
+                        let lsn = base + first;
+                        match format::decode_body(&body) {
+                            Some(message) => {
+                                self.end_damage();
+                                records.push(Record { lsn, message });
+                            }
+                            // Intact frames around a body this version cannot read.
+                            None => self.damaged(lsn, base + past),
+                        }
+                        self.position = base + past;
                     }
-                    Frame::Incomplete if !exhausted => break,
-                    Frame::Incomplete | Frame::Corrupt => {
-                        // The segment was damaged on disk. Nothing after the damage in it can
-                        // be framed again: skip to the segment's end and count the loss.
-                        let at = self.position + used as u64;
-                        let skipped = segment_end.saturating_sub(at);
-                        tracing::error!(
-                            lsn = at,
-                            skipped_bytes = skipped,
-                            "local log segment is corrupt; skipping the rest of it"
-                        );
-                        self.corrupt_bytes += skipped;
-                        self.position = segment_end;
-                        used = buf.len();
-                        break;
+                    Event::Damage {
+                        start: first,
+                        end: past,
+                    } => {
+                        self.damaged(base + first, base + past);
+                        self.position = base + past;
                     }
+                    Event::End => self.position = segment_end,
                 }
             }
-            if used < buf.len() {
-                self.carry.extend_from_slice(&buf[used..]);
-                self.position += used as u64;
-            } else if self.position < segment_end {
-                self.position += used as u64;
+            // Done with a sealed segment once past its end; the active one grows.
+            if self.position < segment_end || next_base.is_none() {
+                self.segment = Some((base, scan));
             }
-            let at_segment_end = self.position >= segment_end && next_base.is_some();
-            if at_segment_end {
-                self.carry.clear();
-                self.file = None;
-            } else if got == 0 && used == 0 {
-                // Nothing more can be framed until more is written.
-                break;
-            }
+        }
+        if self.position >= end {
+            // What comes next is appended after a whole record: a damaged stretch ends here.
+            self.end_damage();
         }
         Ok(Batch {
             records,
             end: self.position,
         })
     }
-}
 
-fn read_full(file: &mut File, mut buf: &mut [u8]) -> io::Result<usize> {
-    let mut total = 0;
-    while !buf.is_empty() {
-        match file.read(buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                total += n;
-                buf = &mut buf[n..];
+    /// Counts damaged bytes, merging a stretch that continues the one being skipped.
+    fn damaged(&mut self, from: u64, to: u64) {
+        self.corrupt_bytes += to - from;
+        match &mut self.damage {
+            // Block trailers (under a header's size) may separate the pieces of one stretch.
+            Some((_, end)) if from.saturating_sub(*end) < format::HEADER_BYTES as u64 => {
+                *end = to;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            _ => {
+                self.end_damage();
+                self.damage = Some((from, to));
+            }
         }
     }
-    Ok(total)
+
+    fn end_damage(&mut self) {
+        if let Some((from, to)) = self.damage.take() {
+            tracing::error!(
+                lsn = from,
+                end = to,
+                skipped_bytes = to - from,
+                "the local log is damaged here (disk corruption); skipped to the next intact \
+                 record"
+            );
+        }
+    }
 }
 
-fn run_syncer(shared: &Shared) {
-    let interval = match shared.config.fsync {
-        FsyncPolicy::Periodic(every) => every,
-        FsyncPolicy::Always | FsyncPolicy::Never => Duration::from_millis(50),
-    };
-    let always = shared.config.fsync == FsyncPolicy::Always;
+fn run_syncer(shared: &Weak<Shared>) {
     loop {
-        let stop = shared.sync.stop.load(Ordering::Acquire);
-        {
-            // Sleep until the next period, or (Always) until an append wakes us.
-            let durable = lock(&shared.sync.durable);
-            let work_waiting = always && *durable < *shared.end.borrow();
-            if !stop && !work_waiting {
-                let _ = shared.sync.changed.wait_timeout(durable, interval);
-            }
-        }
-        let (end, file) = {
-            let tail = lock(&shared.tail);
-            (tail.end, tail.active.try_clone())
+        // Holding the log only for one pass lets it be dropped when every handle is gone.
+        let Some(shared) = shared.upgrade() else {
+            return;
         };
-        if end > *lock(&shared.sync.durable) {
-            match file.and_then(|f| f.sync_data()) {
-                Ok(()) => {
-                    let mut durable = lock(&shared.sync.durable);
-                    *durable = (*durable).max(end);
-                    shared.sync.changed.notify_all();
-                }
-                Err(e) => tracing::error!(error = %e, "cannot sync the local log to disk"),
-            }
-        }
-        if stop {
+        if !sync_pass(&shared) {
+            shared.sync.exited.store(true, Ordering::Release);
+            let _durable = lock(&shared.sync.durable);
+            shared.sync.changed.notify_all();
             return;
         }
     }
+}
+
+/// Waits for work, then syncs what the tail holds. False when the syncer must stop: asked to,
+/// after a last pass, or after a failed sync (retrying would prove nothing).
+fn sync_pass(shared: &Shared) -> bool {
+    let policy = shared.config.fsync;
+    let interval = match policy {
+        FsyncPolicy::Periodic(every) => every,
+        FsyncPolicy::Always | FsyncPolicy::Never => Duration::from_millis(50),
+    };
+    let stop = {
+        // Sleep until the next period, or (Always) until an append wakes us. `stop` is read
+        // under the lock `shutdown` sets it under, so its wake-up cannot be missed either.
+        let durable = lock(&shared.sync.durable);
+        let stop = shared.sync.stop.load(Ordering::Acquire);
+        let work_waiting = policy == FsyncPolicy::Always && *durable < *shared.end.borrow();
+        if !stop && !work_waiting {
+            let _ = shared.sync.changed.wait_timeout(durable, interval);
+        }
+        stop
+    };
+    if shared.failure.borrow().is_some() {
+        return false;
+    }
+    // One snapshot under the lock: every byte below `end` is in `active` or in `sealed` (or in
+    // a segment an earlier pass synced).
+    let (end, active, sealed, dir) = {
+        let mut tail = lock(&shared.tail);
+        (
+            tail.end,
+            Arc::clone(&tail.active),
+            std::mem::take(&mut tail.unsynced),
+            std::mem::take(&mut tail.dir_unsynced),
+        )
+    };
+    let sync_active = (stop || policy != FsyncPolicy::Never) && end > *lock(&shared.sync.durable);
+    let synced = (|| {
+        #[cfg(test)]
+        shared.hooks.before_sync()?;
+        for file in &sealed {
+            file.sync_data()?;
+            #[cfg(test)]
+            shared.hooks.sealed_synced.fetch_add(1, Ordering::AcqRel);
+        }
+        if dir {
+            sync_dir(&shared.config.dir)?;
+        }
+        if sync_active {
+            active.sync_data()?;
+        }
+        io::Result::Ok(())
+    })();
+    match synced {
+        Ok(()) if sync_active => {
+            let mut durable = lock(&shared.sync.durable);
+            *durable = (*durable).max(end);
+            shared.sync.changed.notify_all();
+        }
+        Ok(()) => {}
+        Err(e) => {
+            shared.fail(format!("fdatasync of the local log failed: {e}"));
+            return false;
+        }
+    }
+    !stop
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -538,20 +699,30 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn segment_path(dir: &Path, base: u64) -> PathBuf {
-    dir.join(format!("{base:020}.seg"))
+    dir.join(format!("{base:020}.{EXTENSION}"))
 }
 
-fn list_segments(dir: &Path) -> io::Result<Vec<u64>> {
+/// Bases of the segments in `dir` with `extension`, ascending.
+fn list_segments(dir: &Path, extension: &str) -> io::Result<Vec<u64>> {
     let mut bases = Vec::new();
     for entry in fs::read_dir(dir)? {
         let name = entry?.file_name();
         let name = name.to_string_lossy();
-        if let Some(base) = name.strip_suffix(".seg").and_then(|s| s.parse().ok()) {
+        let base = name
+            .strip_suffix(extension)
+            .and_then(|s| s.strip_suffix('.'))
+            .and_then(|s| s.parse().ok());
+        if let Some(base) = base {
             bases.push(base);
         }
     }
     bases.sort_unstable();
     Ok(bases)
+}
+
+/// Makes the directory's entries (created, renamed) durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn read_checkpoint(dir: &Path) -> u64 {
@@ -571,30 +742,53 @@ fn read_or_create_meta(dir: &Path) -> io::Result<String> {
     }
     let id = format!("{:016x}", rand::random::<u64>());
     let tmp = dir.join("meta.tmp");
-    fs::write(&tmp, format!("{id}\n"))?;
+    let mut file = File::create(&tmp)?;
+    writeln!(file, "{id}")?;
+    file.sync_data()?;
     fs::rename(tmp, path)?;
+    sync_dir(dir)?;
     Ok(id)
 }
 
-/// Scans a segment and cuts it after its last whole record. Returns the kept length.
+/// Scans the active segment and cuts it after its last intact record: only a torn tail goes,
+/// never intact records after damage. Returns the kept length.
 fn recover_tail(path: &Path) -> io::Result<u64> {
-    let bytes = Bytes::from(fs::read(path)?);
-    let mut valid = 0;
-    while let Frame::Record(_, len) = format::decode(&bytes.slice(valid..)) {
-        valid += len;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut scan = SegmentScan::new(file, len, 1 << 20);
+    // Damage is only known to be kept (not part of the tail) once an intact record follows.
+    let (mut at, mut valid, mut damaged, mut kept_damage) = (0, 0, 0, 0);
+    loop {
+        match scan.next(at)? {
+            Event::Record { end, .. } => {
+                kept_damage += std::mem::take(&mut damaged);
+                valid = end;
+                at = end;
+            }
+            Event::Damage { start, end } => {
+                damaged += end - start;
+                at = end;
+            }
+            Event::End => break,
+        }
     }
-    if valid < bytes.len() {
+    if valid < len {
         tracing::warn!(
             segment = %path.display(),
-            cut_bytes = bytes.len() - valid,
-            "cutting a torn record off the local log (a crash interrupted a write)"
+            cut_bytes = len - valid,
+            "cutting a torn tail off the local log (a crash interrupted a write)"
         );
-        OpenOptions::new()
-            .write(true)
-            .open(path)?
-            .set_len(valid as u64)?;
+        OpenOptions::new().write(true).open(path)?.set_len(valid)?;
     }
-    Ok(valid as u64)
+    if kept_damage > 0 {
+        tracing::warn!(
+            segment = %path.display(),
+            damaged_bytes = kept_damage,
+            "the local log's active segment is damaged before its last intact record; the \
+             reader will skip the damage and read the records after it"
+        );
+    }
+    Ok(valid)
 }
 
 #[cfg(test)]
