@@ -34,6 +34,7 @@ pub mod journal;
 pub mod metrics;
 pub mod simulator;
 pub mod store;
+pub mod tls;
 
 /// An error with its causes, `outer: cause: root`, for the one log line that reports it.
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -36,6 +36,12 @@ pub struct Metrics {
     pub cache_rebuilds: AtomicU64,
     /// Bytes of the local log skipped as corrupt.
     pub journal_corrupt_bytes: AtomicU64,
+    /// MQTT CONNECTs refused (bad credentials, not authorized, reserved client id, busy).
+    pub mqtt_logins_refused: AtomicU64,
+    /// PUBLISHes refused by a credential's grant (acked and dropped on 3.1.1, 0x87 on 5).
+    pub mqtt_publishes_refused: AtomicU64,
+    /// Subscription filters refused by a credential's grant.
+    pub mqtt_subscriptions_refused: AtomicU64,
 }
 
 /// Values read at render time from their owners.
@@ -64,7 +70,7 @@ impl Metrics {
     /// The Prometheus text exposition of every counter and `gauges`.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 10] = [
+        let counters: [(&str, &str, &AtomicU64); 13] = [
             (
                 "sensorhub_messages_captured_total",
                 "Messages on sensors/# written to the local log before their acknowledgement.",
@@ -114,6 +120,21 @@ impl Metrics {
                 "sensorhub_cache_rebuilds_total",
                 "Latest-ten sets rebuilt from MongoDB.",
                 &self.cache_rebuilds,
+            ),
+            (
+                "sensorhub_mqtt_logins_refused_total",
+                "MQTT CONNECTs refused: bad credentials, not authorized, reserved client id, busy.",
+                &self.mqtt_logins_refused,
+            ),
+            (
+                "sensorhub_mqtt_publishes_refused_total",
+                "PUBLISHes a credential may not make (sensor id or topic not granted).",
+                &self.mqtt_publishes_refused,
+            ),
+            (
+                "sensorhub_mqtt_subscriptions_refused_total",
+                "Subscription filters a credential may not use.",
+                &self.mqtt_subscriptions_refused,
             ),
         ];
         for (name, help, counter) in counters {
