@@ -13,5 +13,8 @@ mod ingest;
 mod latest;
 mod malformed;
 mod range;
+mod raw_mqtt;
+mod security;
 mod simulator;
 mod startup;
+mod tls;
