@@ -267,3 +267,13 @@ async fn without_credentials_mqtt_on_a_public_address_needs_consent() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--mqtt-allow-anonymous"), "{err}");
 }
+
+#[tokio::test]
+async fn the_built_in_simulator_logs_in_when_credentials_are_required() {
+    let (app, _dir) = app_with_credentials(&["--simulate", "--simulate-interval-ms", "100"]).await;
+    app.eventually("simulated readings", || async {
+        (app.count_readings().await > 0).then_some(())
+    })
+    .await;
+    assert_eq!(app.metric("sensorhub_mqtt_logins_refused_total").await, 0);
+}
