@@ -57,8 +57,10 @@ ENV SENSORHUB_JOURNAL_DIR=/var/lib/sensorhub/journal
 VOLUME ["/var/lib/sensorhub"]
 
 USER 10001:10001
-# MQTT 3.1.1, MQTT 5, HTTP API (GET /health, /docs, /metrics).
-EXPOSE 1883 1884 8000
+# MQTT 3.1.1, MQTT 5, HTTP API (GET /health, /docs, /metrics), MQTT over TLS when
+# SENSORHUB_MQTTS_LISTEN=0.0.0.0:8883 and a certificate are set. Without SENSORHUB_MQTT_AUTH
+# (or SENSORHUB_MQTT_ALLOW_ANONYMOUS=true) MQTT listens on the container's loopback only.
+EXPOSE 1883 1884 8000 8883
 # No HEALTHCHECK here: the image has no HTTP client, and HEALTHCHECK is not part of the OCI image
 # format; docker-compose.yml probes GET /health with bash's /dev/tcp.
 # sensorhub is PID 1 and handles SIGTERM itself (ordered drain within shutdown_grace_secs).

@@ -16,7 +16,8 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
-use crate::broker::{self, CaptureSink, EmbeddedBroker, ListenOverrides};
+use crate::auth::{Device, Gatekeeper, SensorPattern, hash_password};
+use crate::broker::{self, CaptureSink, EmbeddedBroker, ListenOverrides, Security};
 use crate::cache::{Cache, CacheConfig, Health};
 use crate::config::Settings;
 use crate::domain::Captured;
@@ -25,6 +26,7 @@ use crate::journal::{Journal, JournalConfig};
 use crate::metrics::{Gauges, Metrics};
 use crate::simulator::{self, SimulatorConfig};
 use crate::store::{Store, StoreConfig};
+use crate::tls::{Certificates, HttpsAcceptor};
 
 /// A running sensorhub.
 #[derive(Debug)]
@@ -53,7 +55,7 @@ impl Application {
         let started = Instant::now();
         let limits = settings.limits()?;
         let max_payload_bytes = limits.max_payload_bytes;
-        let broker_config = broker::load_config(
+        let mut broker_config = broker::load_config(
             &settings.broker_config,
             settings.broker_config != Settings::default().broker_config,
             &ListenOverrides {
@@ -61,6 +63,13 @@ impl Application {
                 mqtt5: settings.mqtt5_listen,
             },
         )?;
+        let gatekeeper = gatekeeper(&settings, &mut broker_config)?;
+        let certificates = match settings.tls_files()? {
+            Some(files) => Some(Arc::new(
+                Certificates::load(files).context("cannot load the TLS certificate")?,
+            )),
+            None => None,
+        };
         // Ports first: the cheapest failure, and the one people hit most.
         let http_listener = TcpListener::bind(settings.http_listen).with_context(|| {
             format!(
@@ -184,6 +193,12 @@ impl Application {
                     .map_err(|e| broker::Refused(Box::new(e)))
             })
         };
+        let security = Security {
+            gatekeeper: Arc::clone(&gatekeeper.0),
+            tls: settings
+                .mqtts_listen
+                .zip(certificates.as_ref().map(Arc::clone)),
+        };
         let (broker, simulate_to) = match external {
             None => {
                 let broker = EmbeddedBroker::start(
@@ -191,6 +206,7 @@ impl Application {
                     sink,
                     max_payload_bytes,
                     Arc::clone(&metrics),
+                    security,
                     &mut services,
                     intake.clone(),
                 )
@@ -209,6 +225,11 @@ impl Application {
                 (None, Some(to))
             }
         };
+        services.spawn(reload_on_sighup(
+            Arc::clone(&gatekeeper.0),
+            certificates.clone(),
+            intake.clone(),
+        ));
 
         let http_stop = CancellationToken::new();
         let gauges = Arc::new({
@@ -228,12 +249,26 @@ impl Application {
             Duration::from_millis(settings.read_cache_ms),
         );
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
-        let http = tokio::spawn(api::serve(
-            http_listener,
-            state,
-            http_stop.clone().cancelled_owned(),
-            grace,
-        ));
+        let http = match &certificates {
+            None => tokio::spawn(api::serve(
+                http_listener,
+                state,
+                http_stop.clone().cancelled_owned(),
+                grace,
+            )),
+            Some(certificates) => {
+                let acceptor =
+                    HttpsAcceptor::new(http_listener, Arc::clone(certificates), http_stop.clone())
+                        .context("cannot serve HTTPS")?;
+                tokio::spawn(
+                    poem::Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
+                        api::app(state),
+                        http_stop.clone().cancelled_owned(),
+                        Some(grace),
+                    ),
+                )
+            }
+        };
 
         if settings.simulate {
             let (host, port) = simulate_to.context("--simulate needs an MQTT listener")?;
@@ -243,6 +278,7 @@ impl Application {
                 sensors: settings.simulate_sensors,
                 interval: Duration::from_millis(settings.simulate_interval_ms),
                 client_id: format!("sensorhub-simulator-{:08x}", rand::random::<u32>()),
+                credentials: gatekeeper.1.clone(),
             };
             services.spawn(simulator::run(config, intake.clone()));
         }
@@ -351,6 +387,120 @@ impl Application {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// A user name and password.
+type Login = (String, String);
+
+/// The built-in simulator's MQTT user, granted the sensor ids it writes.
+const SIMULATOR_USER: &str = "sensorhub-internal-simulator";
+
+/// Who may connect to MQTT, and the credentials of the built-in simulator when it needs some.
+///
+/// Without a credentials file and without `--mqtt-allow-anonymous`, MQTT is for this machine
+/// only: listeners from the broker configuration move to loopback, and an explicit
+/// non-loopback address is an error.
+fn gatekeeper(
+    settings: &Settings,
+    broker_config: &mut rumqttd::Config,
+) -> anyhow::Result<(Arc<Gatekeeper>, Option<Login>)> {
+    let Some(path) = &settings.mqtt_auth else {
+        if !settings.mqtt_allow_anonymous {
+            let explicit = [
+                settings.mqtt_listen,
+                settings.mqtt5_listen,
+                settings.mqtts_listen,
+            ];
+            if let Some(addr) = explicit
+                .into_iter()
+                .flatten()
+                .find(|a| !a.ip().is_loopback())
+            {
+                anyhow::bail!(
+                    "MQTT on {addr} would accept anyone: give devices credentials with \
+                     --mqtt-auth FILE (see `sensorhub passwd`), or pass --mqtt-allow-anonymous \
+                     to accept clients without them, or listen on 127.0.0.1"
+                );
+            }
+            for (name, addr) in broker::confine_to_loopback(broker_config) {
+                tracing::warn!(
+                    listener = %name,
+                    configured = %addr,
+                    "no --mqtt-auth: MQTT accepts connections from this machine only; \
+                     give devices credentials (--mqtt-auth) or pass --mqtt-allow-anonymous"
+                );
+            }
+        }
+        return Ok((Arc::new(Gatekeeper::open()), None));
+    };
+    let mut internal = Vec::new();
+    let mut simulator = None;
+    if settings.simulate {
+        let password = format!("{:032x}", rand::random::<u128>());
+        internal.push(Device {
+            user: SIMULATOR_USER.to_owned(),
+            password_hash: Some(hash_password(&password)?),
+            publish: ["temp-*", "hum-*"]
+                .iter()
+                .map(|p| SensorPattern::parse(p).map_err(anyhow::Error::msg))
+                .collect::<anyhow::Result<_>>()?,
+            subscribe: Vec::new(),
+        });
+        simulator = Some((SIMULATOR_USER.to_owned(), password));
+    }
+    let gatekeeper = Gatekeeper::from_file(path, settings.mqtt_allow_anonymous, internal)
+        .context("cannot load the MQTT credentials (--mqtt-auth)")?;
+    Ok((Arc::new(gatekeeper), simulator))
+}
+
+/// On SIGHUP, reads the credentials and the certificates again. A file that does not load
+/// leaves the old ones in force.
+async fn reload_on_sighup(
+    gatekeeper: Arc<Gatekeeper>,
+    certificates: Option<Arc<Certificates>>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        loop {
+            tokio::select! {
+                received = hangup.recv() => if received.is_none() { return Ok(()) },
+                () = stop.cancelled() => return Ok(()),
+            }
+            let (gatekeeper, certificates) = (Arc::clone(&gatekeeper), certificates.clone());
+            let reloaded = tokio::task::spawn_blocking(move || {
+                let credentials = gatekeeper.enforced().then(|| gatekeeper.reload());
+                let tls = certificates.map(|c| c.reload());
+                (credentials, tls)
+            })
+            .await
+            .context("the reload panicked")?;
+            match reloaded.0 {
+                Some(Ok(count)) => tracing::info!(credentials = count, "MQTT credentials reloaded"),
+                Some(Err(e)) => tracing::error!(
+                    error = crate::error_chain(&e),
+                    "cannot reload the MQTT credentials; the previous ones stay in force"
+                ),
+                None => {}
+            }
+            match reloaded.1 {
+                Some(Ok(())) => tracing::info!("TLS certificates reloaded"),
+                Some(Err(e)) => tracing::error!(
+                    error = %e,
+                    "cannot reload the TLS certificates; the previous ones stay in force"
+                ),
+                None => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (gatekeeper, certificates);
+        stop.cancelled().await;
+        Ok(())
     }
 }
 

@@ -1,6 +1,8 @@
-//! The command line: `sensorhub [serve]`, `sensorhub simulate`, and how logs are written.
+//! The command line: `sensorhub [serve]`, `sensorhub simulate`, `sensorhub passwd`, and how
+//! logs are written.
 
 use std::io::IsTerminal as _;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -9,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::app::Application;
+use crate::auth::{self, CredentialsFile, DeviceEntry};
 use crate::config::{ServeArgs, Settings};
 use crate::simulator::{self, SimulatorConfig};
 
@@ -36,6 +39,29 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Publish simulated temperature and humidity readings to a broker until Ctrl-C.
     Simulate(SimulateArgs),
+    /// Add or replace an MQTT credential in a credentials file (created if missing). The
+    /// password is read from stdin, one line; only its Argon2id hash is stored.
+    Passwd(PasswdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PasswdArgs {
+    /// The credentials file (`--mqtt-auth` of `serve`).
+    pub file: PathBuf,
+    /// The user name (and the common name of the device's client certificate, if it has one).
+    pub user: String,
+    /// Sensor ids it may publish readings for; `*` matches any characters (`plant3/*`).
+    #[arg(long = "allow", value_name = "PATTERN", num_args = 1..)]
+    pub allow: Vec<String>,
+    /// Topic filters it may subscribe within (`sensors/#`); none unless given.
+    #[arg(long = "subscribe", value_name = "FILTER", num_args = 1..)]
+    pub subscribe: Vec<String>,
+    /// No password: the device logs in with a client certificate only.
+    #[arg(long, conflicts_with = "delete")]
+    pub no_password: bool,
+    /// Remove the user's credential instead.
+    #[arg(long, conflicts_with_all = ["allow", "subscribe"])]
+    pub delete: bool,
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +82,12 @@ pub struct SimulateArgs {
     /// MQTT client id [default: random]
     #[arg(long)]
     pub client_id: Option<String>,
+    /// MQTT user name, when the broker asks for credentials
+    #[arg(long, env = "SENSORHUB_SIMULATE_USERNAME", requires = "password")]
+    pub username: Option<String>,
+    /// MQTT password (prefer the environment variable: flags show in `ps`)
+    #[arg(long, env = "SENSORHUB_SIMULATE_PASSWORD", requires = "username")]
+    pub password: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -107,7 +139,82 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         None => serve(cli.serve).await,
         Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Simulate(args)) => simulate(args).await,
+        Some(Command::Passwd(args)) => passwd(args),
     }
+}
+
+fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
+    auth::check_user(&args.user).map_err(anyhow::Error::msg)?;
+    let mut file = CredentialsFile::read_raw(&args.file)?;
+    if args.delete {
+        anyhow::ensure!(
+            file.remove(&args.user),
+            "{} has no credential for '{}'",
+            args.file.display(),
+            args.user
+        );
+        file.save(&args.file)?;
+        tracing::info!(user = %args.user, file = %args.file.display(), "credential removed");
+        return Ok(());
+    }
+    anyhow::ensure!(
+        !args.allow.is_empty() || !args.subscribe.is_empty(),
+        "say what '{}' may do: --allow PATTERN (sensor ids) and/or --subscribe FILTER",
+        args.user
+    );
+    for pattern in &args.allow {
+        auth::SensorPattern::parse(pattern).map_err(anyhow::Error::msg)?;
+    }
+    for filter in &args.subscribe {
+        auth::FilterPattern::parse(filter).map_err(anyhow::Error::msg)?;
+    }
+    let password_hash = if args.no_password {
+        None
+    } else {
+        let password = read_password()?;
+        anyhow::ensure!(!password.is_empty(), "the password is empty");
+        Some(auth::hash_password(&password)?)
+    };
+    file.upsert(DeviceEntry {
+        user: args.user.clone(),
+        password_hash,
+        publish: args.allow,
+        subscribe: args.subscribe,
+    });
+    file.save(&args.file)?;
+    tracing::info!(
+        user = %args.user,
+        file = %args.file.display(),
+        "credential saved; a running sensorhub picks it up on SIGHUP"
+    );
+    Ok(())
+}
+
+/// One line from stdin, without its line end. On a terminal, asks for it without echo.
+fn read_password() -> anyhow::Result<String> {
+    use std::io::{BufRead as _, Write as _};
+    let stdin = std::io::stdin();
+    let terminal = stdin.is_terminal();
+    let stty = |arg: &str| {
+        std::process::Command::new("stty")
+            .arg(arg)
+            .stdin(std::process::Stdio::inherit())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let silenced = terminal && {
+        let _ = write!(std::io::stderr(), "Password: ");
+        let _ = std::io::stderr().flush();
+        stty("-echo")
+    };
+    let mut line = String::new();
+    let read = stdin.lock().read_line(&mut line);
+    if silenced {
+        stty("echo");
+        let _ = writeln!(std::io::stderr());
+    }
+    read.context("cannot read the password from stdin")?;
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -133,6 +240,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         client_id: args
             .client_id
             .unwrap_or_else(|| format!("sensorhub-simulator-{:08x}", rand::random::<u32>())),
+        credentials: args.username.zip(args.password),
     };
     let run = tokio::spawn(simulator::run(config, stop.clone()));
     shutdown_signal().await;

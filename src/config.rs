@@ -17,6 +17,7 @@ use crate::broker::external::{self, ExternalConfig, ExternalError};
 use crate::domain::{Limits, NaiveZone, Timestamp};
 use crate::journal::{FsyncPolicy, MAX_PAYLOAD_BYTES};
 use crate::store::WriteConcern;
+use crate::tls::TlsFiles;
 
 /// Every setting of `serve`, with its default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,6 +89,22 @@ pub struct Settings {
     pub simulate_sensors: usize,
     /// Milliseconds between two readings of one simulated sensor.
     pub simulate_interval_ms: u64,
+    /// Credentials file of MQTT devices (`sensorhub passwd`). With it every MQTT client must
+    /// log in (or present a client certificate) and is held to its grant.
+    pub mqtt_auth: Option<PathBuf>,
+    /// Accept MQTT clients without credentials, with all rights. Without `mqtt_auth` and
+    /// without this, MQTT listens on loopback only (see README, Security).
+    pub mqtt_allow_anonymous: bool,
+    /// The MQTT TLS listener (3.1.1 and 5 on one port); needs `tls_cert` and `tls_key`.
+    pub mqtts_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the MQTT TLS listener and of HTTPS: with `tls_key`, the HTTP
+    /// API serves HTTPS only. Reloaded on SIGHUP.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA of device client certificates on the MQTT TLS listener: a certificate it signed
+    /// identifies the device by its common name, the user of its entry in `mqtt_auth`.
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -124,6 +141,12 @@ impl Default for Settings {
             simulate: false,
             simulate_sensors: 5,
             simulate_interval_ms: 1000,
+            mqtt_auth: None,
+            mqtt_allow_anonymous: false,
+            mqtts_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
         }
     }
 }
@@ -257,6 +280,30 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_SIMULATE_INTERVAL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub simulate_interval_ms: Option<u64>,
+    /// MQTT credentials file (`sensorhub passwd`): every client must log in [default: none]
+    #[arg(long, env = "SENSORHUB_MQTT_AUTH")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_auth: Option<PathBuf>,
+    /// Accept MQTT clients without credentials (without --mqtt-auth: on every address)
+    #[arg(long, env = "SENSORHUB_MQTT_ALLOW_ANONYMOUS")]
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub mqtt_allow_anonymous: bool,
+    /// Address of the MQTT TLS listener, 3.1.1 and 5 (e.g. 0.0.0.0:8883) [default: none]
+    #[arg(long, env = "SENSORHUB_MQTTS_LISTEN")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtts_listen: Option<SocketAddr>,
+    /// PEM certificate chain for MQTT TLS and HTTPS (reloaded on SIGHUP)
+    #[arg(long, env = "SENSORHUB_TLS_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert
+    #[arg(long, env = "SENSORHUB_TLS_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA of device client certificates (mutual TLS; CN = credential user)
+    #[arg(long, env = "SENSORHUB_TLS_CLIENT_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -311,6 +358,18 @@ impl Settings {
         if self.simulate && (self.simulate_sensors == 0 || self.simulate_interval_ms == 0) {
             return fail("simulate_sensors and simulate_interval_ms must be positive".into());
         }
+        self.tls_files()?;
+        if self.mqtts_listen.is_some() && self.tls_cert.is_none() {
+            return fail("mqtts_listen needs tls_cert and tls_key".into());
+        }
+        if self.tls_client_ca.is_some() && (self.mqtts_listen.is_none() || self.mqtt_auth.is_none())
+        {
+            return fail(
+                "tls_client_ca needs mqtts_listen and mqtt_auth (a client certificate's common \
+                 name selects an entry of the credentials file)"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -362,6 +421,21 @@ impl Settings {
             other => Err(ConfigError::Invalid(format!(
                 "journal_fsync '{other}' is not one of never, periodic, always"
             ))),
+        }
+    }
+
+    /// The TLS files, when TLS is on.
+    pub fn tls_files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.tls_client_ca.clone(),
+            })),
+            (None, None) => Ok(None),
+            _ => Err(ConfigError::Invalid(
+                "tls_cert and tls_key go together".into(),
+            )),
         }
     }
 
@@ -440,5 +514,19 @@ mod tests {
             ..Settings::default()
         };
         largest.validate().unwrap();
+        assert!(bad(|s| s.tls_cert = Some("c.pem".into())).contains("tls_key"));
+        assert!(
+            bad(|s| s.mqtts_listen = Some(SocketAddr::from(([0, 0, 0, 0], 8883))))
+                .contains("tls_cert")
+        );
+        assert!(
+            bad(|s| {
+                s.tls_cert = Some("c.pem".into());
+                s.tls_key = Some("k.pem".into());
+                s.mqtts_listen = Some(SocketAddr::from(([0, 0, 0, 0], 8883)));
+                s.tls_client_ca = Some("ca.pem".into());
+            })
+            .contains("mqtt_auth")
+        );
     }
 }

@@ -13,16 +13,20 @@
 //! - [`cache`]: Redis (latest ten per sensor and overall);
 //! - [`api`]: the HTTP API, OpenAPI document and UI;
 //! - [`simulator`]: simulated sensors over real MQTT;
+//! - [`auth`]: device credentials and grants, enforced by the broker's codec;
+//! - [`tls`]: certificates for MQTT over TLS and HTTPS, reloaded on SIGHUP;
 //! - [`domain`]: the vocabulary underneath (readings, timestamps, decoding), pure;
 //! - [`metrics`]: counters shared by all stages;
 //! - [`config`], [`app`], [`cli`]: settings, wiring and the command line.
 //!
-//! Dependencies point one way: `domain` and `metrics` import nothing else of ours; `broker`,
-//! `journal`, `store` and `cache` import only those; `ingest` joins the adapters; `api` reads
+//! Dependencies point one way: `domain`, `metrics`, `auth` and `tls` import nothing else of
+//! ours (`metrics` reads `domain`); `broker` imports those four; `journal`, `store` and `cache`
+//! import only `domain` and `metrics`; `ingest` joins the adapters; `api` reads
 //! `store` and `cache` and never touches the broker; only `app` knows everything.
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod cache;
 pub mod cli;
@@ -33,6 +37,7 @@ pub mod journal;
 pub mod metrics;
 pub mod simulator;
 pub mod store;
+pub mod tls;
 
 /// An error with its causes, `outer: cause: root`, for the one log line that reports it.
 pub(crate) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

@@ -37,6 +37,12 @@ pub struct Metrics {
     /// Bytes of the local log skipped as corrupt (set from the writer's reader, which only
     /// ever counts up).
     pub journal_corrupt_bytes: AtomicU64,
+    /// MQTT CONNECTs refused (bad credentials, not authorized, reserved client id, busy).
+    pub mqtt_logins_refused: AtomicU64,
+    /// PUBLISHes refused by a credential's grant (acked and dropped on 3.1.1, 0x87 on 5).
+    pub mqtt_publishes_refused: AtomicU64,
+    /// Subscription filters refused by a credential's grant.
+    pub mqtt_subscriptions_refused: AtomicU64,
 }
 
 /// Values read at render time from their owners.
@@ -65,7 +71,7 @@ impl Metrics {
     /// The Prometheus text exposition of every counter and `gauges`.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
             (
                 "sensorhub_messages_captured_total",
                 "Messages on sensors/# written to the local log before their acknowledgement.",
@@ -120,6 +126,21 @@ impl Metrics {
                 "sensorhub_journal_corrupt_bytes_total",
                 "Bytes of the local log skipped as corrupt (disk damage).",
                 &self.journal_corrupt_bytes,
+            ),
+            (
+                "sensorhub_mqtt_logins_refused_total",
+                "MQTT CONNECTs refused: bad credentials, not authorized, reserved client id, busy.",
+                &self.mqtt_logins_refused,
+            ),
+            (
+                "sensorhub_mqtt_publishes_refused_total",
+                "PUBLISHes a credential may not make (sensor id or topic not granted).",
+                &self.mqtt_publishes_refused,
+            ),
+            (
+                "sensorhub_mqtt_subscriptions_refused_total",
+                "Subscription filters a credential may not use.",
+                &self.mqtt_subscriptions_refused,
             ),
         ];
         for (name, help, counter) in counters {

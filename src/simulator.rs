@@ -30,6 +30,8 @@ pub struct SimulatorConfig {
     pub interval: Duration,
     /// MQTT client id.
     pub client_id: String,
+    /// MQTT user name and password, when the broker asks for them.
+    pub credentials: Option<(String, String)>,
 }
 
 /// One simulated sensor's state.
@@ -107,6 +109,9 @@ pub async fn run(config: SimulatorConfig, stop: CancellationToken) -> anyhow::Re
     let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_max_packet_size(64 * 1024, 64 * 1024);
+    if let Some((user, password)) = &config.credentials {
+        options.set_credentials(user, password);
+    }
     let capacity = sensors.len().max(100);
     let (client, eventloop) = AsyncClient::new(options, capacity);
     // What a dropped connection left unacknowledged, to publish again.

@@ -9,6 +9,7 @@
 
 pub mod capture;
 pub mod external;
+mod front;
 mod tap;
 
 use std::collections::HashMap;
@@ -26,10 +27,14 @@ use rumqttd::{LinkType, Router, Server, ServerSettings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use capture::{Capture, CaptureSink, Refused};
+pub use capture::{
+    Admission, Capture, CaptureSink, HandoffKey, RESERVED_CLIENT_PREFIX, Refused, Version,
+};
 
+use crate::auth::Gatekeeper;
 use crate::domain::TOPIC_PREFIX;
 use crate::metrics::Metrics;
+use crate::tls::Certificates;
 
 /// The broker configuration shipped with sensorhub, used when no `rumqttd.toml` is found.
 pub const DEFAULT_CONFIG: &str = include_str!("../../rumqttd.toml");
@@ -58,6 +63,14 @@ pub enum BrokerError {
         addr: SocketAddr,
         message: String,
     },
+}
+
+/// Who may connect, and the MQTT TLS listener.
+#[derive(Clone, Debug)]
+pub struct Security {
+    pub gatekeeper: Arc<Gatekeeper>,
+    /// The TLS listener's address and certificates.
+    pub tls: Option<(SocketAddr, Arc<Certificates>)>,
 }
 
 /// Where the two listeners go, overriding the configuration file.
@@ -103,6 +116,25 @@ pub fn load_config(
     Ok(config)
 }
 
+/// Moves every listener of `config` that is not on a loopback address to loopback, same port;
+/// returns the listeners moved, as configured.
+pub fn confine_to_loopback(config: &mut rumqttd::Config) -> Vec<(String, SocketAddr)> {
+    let mut moved = Vec::new();
+    for servers in [config.v4.as_mut(), config.v5.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        for settings in servers.values_mut() {
+            if !settings.listen.ip().is_loopback() {
+                moved.push((settings.name.clone(), settings.listen));
+                settings.listen =
+                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), settings.listen.port());
+            }
+        }
+    }
+    moved
+}
+
 fn override_listen(
     servers: &mut Option<HashMap<String, ServerSettings>>,
     addr: Option<SocketAddr>,
@@ -143,26 +175,73 @@ impl EmbeddedBroker {
         sink: CaptureSink,
         max_payload_bytes: usize,
         metrics: Arc<Metrics>,
+        security: Security,
         tasks: &mut JoinSet<anyhow::Result<()>>,
         stop: CancellationToken,
     ) -> Result<Self, BrokerError> {
-        let servers: Vec<(bool, ServerSettings)> = config
+        let admission = |version, handoff| {
+            Arc::new(Admission {
+                gatekeeper: Arc::clone(&security.gatekeeper),
+                version,
+                handoff,
+            })
+        };
+        let plain_v4 = admission(Version::V4, None);
+        let plain_v5 = admission(Version::V5, None);
+        let mut servers: Vec<(Arc<Admission>, ServerSettings)> = config
             .v4
             .iter()
-            .flat_map(|m| m.values().cloned().map(|s| (false, s)))
+            .flat_map(|m| m.values().cloned().map(|s| (Arc::clone(&plain_v4), s)))
             .chain(
                 config
                     .v5
                     .iter()
-                    .flat_map(|m| m.values().cloned().map(|s| (true, s))),
+                    .flat_map(|m| m.values().cloned().map(|s| (Arc::clone(&plain_v5), s))),
             )
             .collect();
         check_listeners(&config)?;
+        let mut front = None;
+        if let Some((addr, certificates)) = &security.tls {
+            let listener = TcpListener::bind(addr).map_err(|source| BrokerError::Bind {
+                name: "mqtts".into(),
+                addr: *addr,
+                source,
+            })?;
+            let key = HandoffKey(rand::random());
+            let template =
+                servers
+                    .first()
+                    .map(|(_, s)| s.clone())
+                    .ok_or_else(|| BrokerError::Config {
+                        path: "rumqttd.toml".into(),
+                        message: "the TLS listener needs a [v4] or [v5] listener to copy".into(),
+                    })?;
+            let mut internal = |name: &str, version| -> Result<SocketAddr, BrokerError> {
+                let addr = free_loopback_port().map_err(|source| BrokerError::Bind {
+                    name: name.into(),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    source,
+                })?;
+                let mut settings = template.clone();
+                settings.name = name.into();
+                settings.listen = addr;
+                settings.tls = None;
+                servers.push((admission(version, Some(key.clone())), settings));
+                Ok(addr)
+            };
+            let v4 = internal("mqtts-handoff-v311", Version::V4)?;
+            let v5 = internal("mqtts-handoff-v5", Version::V5)?;
+            front = Some((
+                listener,
+                Arc::clone(certificates),
+                front::Handoff { key, v4, v5 },
+            ));
+        }
 
         let router_tx = Router::new(config.id, config.router.clone()).spawn();
         // An external client with the same id would kick the link off the router: make it
         // unguessable.
-        let link_id = format!("sensorhub-tap-{:016x}", rand::random::<u64>());
+        let link_id = format!("{RESERVED_CLIENT_PREFIX}tap-{:016x}", rand::random::<u64>());
         let router_for_link = router_tx.clone();
         let (mut link_tx, link_rx, _ack) = tokio::task::spawn_blocking(move || {
             LinkBuilder::new(&link_id, router_for_link)
@@ -191,7 +270,7 @@ impl EmbeddedBroker {
             .build()
             .map_err(BrokerError::Runtime)?;
         let mut listeners = Vec::new();
-        for (v5, settings) in servers {
+        for (admission, settings) in servers {
             let name = settings.name.clone();
             let addr = settings.listen;
             let stop = stop.clone();
@@ -200,13 +279,13 @@ impl EmbeddedBroker {
             let sink = Arc::clone(&sink);
             let listener_name = name.clone();
             let serve = runtime.spawn(async move {
-                if v5 {
-                    let codec = Capture::new(V5, sink, metrics, max_payload_bytes);
+                if admission.version == Version::V5 {
+                    let codec = Capture::new(V5, sink, metrics, max_payload_bytes, admission);
                     Server::new(settings, router_tx, codec)
                         .start(LinkType::Remote)
                         .await
                 } else {
-                    let codec = Capture::new(V4, sink, metrics, max_payload_bytes);
+                    let codec = Capture::new(V4, sink, metrics, max_payload_bytes, admission);
                     Server::new(settings, router_tx, codec)
                         .start(LinkType::Remote)
                         .await
@@ -233,6 +312,37 @@ impl EmbeddedBroker {
         }
         for (name, addr) in &listeners {
             wait_accepting(name, *addr).await?;
+        }
+        if let Some((listener, certificates, handoff)) = front {
+            let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+                name: "mqtts".into(),
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })?;
+            // Internal: reachable through the TLS front end only.
+            listeners.retain(|(_, a)| *a != handoff.v4 && *a != handoff.v5);
+            let stop = stop.clone();
+            let serve = {
+                let _entered = runtime.enter();
+                listener
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                    .map_err(|source| BrokerError::Bind {
+                        name: "mqtts".into(),
+                        addr,
+                        source,
+                    })?
+            };
+            let front_task = runtime.spawn(front::run(serve, certificates, handoff, stop.clone()));
+            tasks.spawn(async move {
+                match front_task.await {
+                    Ok(Ok(())) if stop.is_cancelled() => Ok(()),
+                    Ok(Ok(())) => anyhow::bail!("the MQTT TLS listener on {addr} stopped"),
+                    Ok(Err(e)) => Err(e.context(format!("the MQTT TLS listener on {addr} failed"))),
+                    Err(e) => anyhow::bail!("the MQTT TLS listener on {addr} panicked: {e}"),
+                }
+            });
+            listeners.push(("mqtts".into(), addr));
         }
         Ok(Self {
             listeners,
@@ -264,6 +374,12 @@ impl Drop for EmbeddedBroker {
 /// the disk does not hold up the rest.
 fn broker_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+}
+
+/// A loopback address with a port free at the time of asking (rumqttd cannot report the port
+/// it bound for port 0).
+fn free_loopback_port() -> std::io::Result<SocketAddr> {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr())
 }
 
 /// rumqttd only logs a listener that cannot bind; find out first, with a message that helps.

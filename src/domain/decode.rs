@@ -26,6 +26,11 @@ pub fn is_reading_topic(topic: &[u8]) -> bool {
     topic == parent || topic.starts_with(TOPIC_PREFIX.as_bytes())
 }
 
+/// Prefixed to the topic of a captured message whose publisher may not write its sensor id
+/// (the broker's access control): such a message is judged `Reason::Forbidden`. No device can
+/// send a topic like it into the pipeline, since only topics under `sensors` are captured.
+pub const FORBIDDEN_TOPIC_PREFIX: &str = "$forbidden/";
+
 /// How many bytes of a rejected payload are kept with its dead letter.
 pub const DEAD_LETTER_RAW_BYTES: usize = 4096;
 
@@ -107,10 +112,11 @@ pub enum Reason {
     ValueNotFinite,
     TimestampInvalid,
     TimestampOutOfRange,
+    Forbidden,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::PayloadTooLarge,
         Reason::TopicInvalid,
         Reason::InvalidUtf8,
@@ -122,6 +128,7 @@ impl Reason {
         Reason::ValueNotFinite,
         Reason::TimestampInvalid,
         Reason::TimestampOutOfRange,
+        Reason::Forbidden,
     ];
 
     pub fn code(self) -> &'static str {
@@ -137,6 +144,7 @@ impl Reason {
             Reason::ValueNotFinite => "value_not_finite",
             Reason::TimestampInvalid => "timestamp_invalid",
             Reason::TimestampOutOfRange => "timestamp_out_of_range",
+            Reason::Forbidden => "forbidden",
         }
     }
 
@@ -191,6 +199,19 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
 
 /// Judges one captured message.
 pub fn decode(message: &Captured, limits: &Limits) -> Result<Reading, Rejection> {
+    if let Some(topic) = message
+        .topic
+        .strip_prefix(FORBIDDEN_TOPIC_PREFIX.as_bytes())
+    {
+        return Err(reject(
+            Reason::Forbidden,
+            format!(
+                "the publisher's credential may not write readings for this sensor_id (topic \
+                 '{}')",
+                quote(&String::from_utf8_lossy(topic))
+            ),
+        ));
+    }
     if message.payload_len > limits.max_payload_bytes {
         return Err(reject(
             Reason::PayloadTooLarge,
@@ -662,5 +683,17 @@ mod tests {
             assert_eq!(Reason::from_code(reason.code()), Some(reason));
         }
         assert_eq!(Reason::from_code("nope"), None);
+    }
+
+    #[test]
+    fn a_forbidden_capture_is_judged_forbidden_whatever_it_holds() {
+        let good = r#"{"sensor_id":"s","value":1,"timestamp":"2024-05-01T10:00:00Z"}"#;
+        let r = decode(
+            &captured("$forbidden/sensors/temperature", good.as_bytes()),
+            &Limits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(r.reason, Reason::Forbidden);
+        assert!(r.message.contains("sensors/temperature"), "{}", r.message);
     }
 }

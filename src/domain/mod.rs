@@ -10,8 +10,8 @@ mod timestamp;
 
 pub use dead_letter::DeadLetter;
 pub use decode::{
-    Captured, DEAD_LETTER_RAW_BYTES, Limits, Reason, Rejection, TOPIC_PREFIX, decode,
-    is_reading_topic,
+    Captured, DEAD_LETTER_RAW_BYTES, FORBIDDEN_TOPIC_PREFIX, Limits, Reason, Rejection,
+    TOPIC_PREFIX, decode, is_reading_topic,
 };
 pub use reading::{Kind, MAX_KIND_BYTES, MAX_SENSOR_ID_BYTES, Reading, SensorId, json_array};
 pub use timestamp::{NaiveZone, Timestamp, TimestampError};
