@@ -104,6 +104,11 @@ impl Application {
             .ensure_indexes()
             .await
             .context("cannot create the MongoDB indexes")?;
+        store
+            .set_reading_retention(settings.reading_retention())
+            .await
+            .context("cannot set the readings' retention (reading_retention_days)")?;
+        warn_of_other_writers(&store, &settings).await;
         let cache = Cache::connect(&CacheConfig {
             url: settings.redis_url.clone(),
             prefix: settings.redis_prefix.clone(),
@@ -526,6 +531,28 @@ async fn stop_when_the_log_fails(journal: Journal, stop: CancellationToken) -> a
             "the local log failed ({reason}); stopping so that a restart recovers it"
         )),
         () = stop.cancelled() => Ok(()),
+    }
+}
+
+/// Warns when the readings collection holds documents sensorhub did not write: another system
+/// (the original Python service uses the same default names) writing into the same collection
+/// would mix its history with ours, and its documents are invisible to the API.
+async fn warn_of_other_writers(store: &Store, settings: &Settings) {
+    match store.foreign_documents(1000).await {
+        Ok(0) => {}
+        Ok(found) => tracing::warn!(
+            database = %settings.mongodb_database,
+            collection = %settings.mongodb_collection,
+            foreign_documents = found,
+            mongodb = %redact(&settings.mongodb_uri),
+            "the readings collection holds documents sensorhub did not write (another program \
+             uses it?); point MONGODB_DATABASE or MONGODB_COLLECTION elsewhere unless this is \
+             intended"
+        ),
+        Err(e) => tracing::warn!(
+            error = crate::error_chain(&e),
+            "cannot check the readings collection for other writers"
+        ),
     }
 }
 

@@ -105,6 +105,10 @@ pub struct Settings {
     /// PEM CA of device client certificates on the MQTT TLS listener: a certificate it signed
     /// identifies the device by its common name, the user of its entry in `mqtt_auth`.
     pub tls_client_ca: Option<PathBuf>,
+    /// Days a reading is kept in MongoDB, counted from its device timestamp; 0 keeps the
+    /// history forever (the default). A TTL index on `timestamp`, changed in place when this
+    /// changes; MongoDB deletes expired readings about once a minute.
+    pub reading_retention_days: u64,
 }
 
 impl Default for Settings {
@@ -147,6 +151,7 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            reading_retention_days: 0,
         }
     }
 }
@@ -304,6 +309,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_TLS_CLIENT_CA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Days readings are kept, by device time (0: forever) [default: 0]
+    #[arg(long, env = "SENSORHUB_READING_RETENTION_DAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reading_retention_days: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -451,6 +460,14 @@ impl Settings {
             naive_zone: NaiveZone::parse(&self.naive_timestamp_zone)
                 .map_err(|e| ConfigError::Invalid(format!("naive_timestamp_zone: {e}")))?,
         })
+    }
+}
+
+impl Settings {
+    /// How long readings are kept; `None`: forever.
+    pub fn reading_retention(&self) -> Option<Duration> {
+        (self.reading_retention_days > 0)
+            .then(|| Duration::from_secs(self.reading_retention_days.saturating_mul(86_400)))
     }
 }
 

@@ -6,6 +6,7 @@
 //! leave this module. It must not decide anything about readings (that is `domain`) nor retry
 //! (that is the caller's policy).
 
+mod retention;
 mod writes;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{DeadLetter, Kind, Reading, Reason, SensorId, Timestamp};
+pub use retention::TtlChange;
 pub use writes::WriteLog;
 
 /// Where the history lives.
@@ -296,21 +298,14 @@ impl Store {
                 return Err(e.into());
             }
         }
-        let ttl = IndexModel::builder()
-            .keys(doc! {"received_at": 1})
-            .options(
-                IndexOptions::builder()
-                    .name("received_at_ttl".to_owned())
-                    .expire_after(self.config.dead_letter_ttl)
-                    .build(),
-            )
-            .build();
         self.dead_letters
-            .create_indexes([
-                ttl,
-                named(doc! {"reason": 1, "received_at": 1}, "reason_received_at"),
-            ])
+            .create_indexes([named(
+                doc! {"reason": 1, "received_at": 1},
+                "reason_received_at",
+            )])
             .await?;
+        // The TTL index is changed in place when the setting changes (retention.rs).
+        self.set_dead_letter_retention().await?;
         Ok(())
     }
 
