@@ -19,7 +19,7 @@ use crate::api::{self, ApiState};
 use crate::auth::{Device, Gatekeeper, SensorPattern, hash_password};
 use crate::broker::{self, CaptureSink, EmbeddedBroker, ListenOverrides, Security};
 use crate::cache::{Cache, CacheConfig, Health};
-use crate::config::Settings;
+use crate::config::{Settings, redact};
 use crate::domain::Captured;
 use crate::ingest::{self, Writer, WriterStop};
 use crate::journal::{Journal, JournalConfig};
@@ -553,31 +553,5 @@ async fn warn_of_other_writers(store: &Store, settings: &Settings) {
             error = crate::error_chain(&e),
             "cannot check the readings collection for other writers"
         ),
-    }
-}
-
-/// A connection string without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(
-            redact("mongodb://u:secret@h:27017/db"),
-            "mongodb://u:***@h:27017/db"
-        );
-        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
     }
 }

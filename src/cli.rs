@@ -42,6 +42,17 @@ pub enum Command {
     /// Add or replace an MQTT credential in a credentials file (created if missing). The
     /// password is read from stdin, one line; only its Argon2id hash is stored.
     Passwd(PasswdArgs),
+    /// Work with the settings of `serve`.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the settings `serve` would run with (the file, then the environment and the
+    /// flags over it) and print them as TOML, passwords masked. Exits 1 naming the first bad
+    /// key.
+    Check(Box<ServeArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -83,11 +94,19 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub client_id: Option<String>,
     /// MQTT user name, when the broker asks for credentials
-    #[arg(long, env = "SENSORHUB_SIMULATE_USERNAME", requires = "password")]
+    #[arg(long, env = "SENSORHUB_SIMULATE_USERNAME")]
     pub username: Option<String>,
-    /// MQTT password (prefer the environment variable: flags show in `ps`)
+    /// MQTT password (prefer the environment variable or the file: flags show in `ps`)
     #[arg(long, env = "SENSORHUB_SIMULATE_PASSWORD", requires = "username")]
     pub password: Option<String>,
+    /// File holding the MQTT password (a Docker secret); SENSORHUB_SIMULATE_PASSWORD wins
+    #[arg(
+        long,
+        env = "SENSORHUB_SIMULATE_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "username"
+    )]
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -140,7 +159,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Simulate(args)) => simulate(args).await,
         Some(Command::Passwd(args)) => passwd(args),
+        Some(Command::Config(ConfigCommand::Check(args))) => config_check(&args),
     }
+}
+
+/// `sensorhub config check`: the settings `serve` would use, validated, on stdout.
+fn config_check(args: &ServeArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let settings = Settings::load(args)?;
+    // The broker's own file is part of what `serve` reads at start.
+    crate::broker::load_config(
+        &settings.broker_config,
+        settings.broker_config != Settings::default().broker_config,
+        &crate::broker::ListenOverrides {
+            mqtt: settings.mqtt_listen,
+            mqtt5: settings.mqtt5_listen,
+        },
+    )?;
+    if let Some(path) = &settings.mqtt_auth {
+        auth::Gatekeeper::from_file(path, settings.mqtt_allow_anonymous, Vec::new())
+            .context("cannot load the MQTT credentials (mqtt_auth)")?;
+    }
+    if let Some(files) = settings.tls_files()? {
+        crate::tls::Certificates::load(files).context("cannot load the TLS certificate")?;
+    }
+    let source = match &args.config {
+        Some(path) => path.display().to_string(),
+        None if std::path::Path::new("sensorhub.toml").exists() => "sensorhub.toml".to_owned(),
+        None => "no file (defaults)".to_owned(),
+    };
+    let text = settings.masked().to_toml()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "# Valid. Effective settings from {source}, the environment and the flags \
+         (passwords masked):\n{text}"
+    )
+    .and_then(|()| out.flush())
+    .context("cannot write to stdout")
 }
 
 fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
@@ -231,6 +287,24 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--mqtt '{}' is not HOST:PORT", args.mqtt))?;
     anyhow::ensure!(args.sensors > 0, "--sensors must be at least 1");
     anyhow::ensure!(args.interval_ms > 0, "--interval-ms must be at least 1");
+    let password = match (args.password, &args.password_file) {
+        (Some(password), _) => Some(password),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!(
+                    "cannot read the simulator's password from {}",
+                    path.display()
+                )
+            })?;
+            Some(text.trim_end_matches(['\r', '\n']).to_owned())
+        }
+        (None, None) => None,
+    };
+    anyhow::ensure!(
+        args.username.is_none() || password.is_some(),
+        "--username needs --password, SENSORHUB_SIMULATE_PASSWORD or \
+         SENSORHUB_SIMULATE_PASSWORD_FILE"
+    );
     let stop = CancellationToken::new();
     let config = SimulatorConfig {
         host,
@@ -240,7 +314,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         client_id: args
             .client_id
             .unwrap_or_else(|| format!("sensorhub-simulator-{:08x}", rand::random::<u32>())),
-        credentials: args.username.zip(args.password),
+        credentials: args.username.zip(password),
     };
     let run = tokio::spawn(simulator::run(config, stop.clone()));
     shutdown_signal().await;

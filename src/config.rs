@@ -313,6 +313,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_READING_RETENTION_DAYS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reading_retention_days: Option<u64>,
+    /// File holding the MongoDB connection string (a Docker secret); MONGODB_URI wins
+    #[arg(long, env = "MONGODB_URI_FILE", value_name = "FILE")]
+    #[serde(skip)]
+    pub mongodb_uri_file: Option<PathBuf>,
+    /// File holding the Redis connection string (a Docker secret); REDIS_URL wins
+    #[arg(long, env = "REDIS_URL_FILE", value_name = "FILE")]
+    #[serde(skip)]
+    pub redis_url_file: Option<PathBuf>,
+    /// File holding the --external-broker URL, with its password; SENSORHUB_EXTERNAL_BROKER wins
+    #[arg(long, env = "SENSORHUB_EXTERNAL_BROKER_FILE", value_name = "FILE")]
+    #[serde(skip)]
+    pub external_broker_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -322,8 +334,28 @@ pub enum ConfigError {
 }
 
 impl Settings {
-    /// Defaults, then the file, then `args` (flags and environment).
+    /// Defaults, then the file, then `args` (flags and environment), then the secret files of
+    /// settings that neither a flag nor a variable gave.
     pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let mut args = args.clone();
+        for (value, file, name) in [
+            (
+                &mut args.mongodb_uri,
+                &args.mongodb_uri_file,
+                "MONGODB_URI_FILE",
+            ),
+            (&mut args.redis_url, &args.redis_url_file, "REDIS_URL_FILE"),
+            (
+                &mut args.external_broker,
+                &args.external_broker_file,
+                "SENSORHUB_EXTERNAL_BROKER_FILE",
+            ),
+        ] {
+            if let (None, Some(path)) = (&value, file) {
+                *value = Some(read_secret(path, name)?);
+            }
+        }
+        let args = &args;
         let mut figment = Figment::from(Serialized::defaults(Settings::default()));
         match &args.config {
             Some(path) if !path.exists() => {
@@ -338,7 +370,7 @@ impl Settings {
         let settings: Settings = figment
             .merge(Serialized::defaults(args))
             .extract()
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            .map_err(|e| ConfigError::Invalid(describe(e)))?;
         settings.validate()?;
         Ok(settings)
     }
@@ -469,6 +501,94 @@ impl Settings {
         (self.reading_retention_days > 0)
             .then(|| Duration::from_secs(self.reading_retention_days.saturating_mul(86_400)))
     }
+
+    /// These settings with the passwords of every connection string replaced by `***`, for
+    /// printing (`sensorhub config check`) and logs.
+    pub fn masked(&self) -> Self {
+        Self {
+            mongodb_uri: redact(&self.mongodb_uri),
+            redis_url: redact(&self.redis_url),
+            external_broker: redact(&self.external_broker),
+            ..self.clone()
+        }
+    }
+
+    /// The settings as a `sensorhub.toml` would write them (unset optional ones left out).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+/// A connection string without its password (the user info's and any `...password=` query
+/// parameter's), for messages and printed settings.
+pub fn redact(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = match (base.find("://"), base.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &base[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &base[..scheme + 3], &base[at..]),
+                None => base.to_owned(),
+            }
+        }
+        _ => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
+                    format!("{key}=***")
+                }
+                _ => param.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+/// The contents of a secret file (a Docker or Kubernetes secret), without the trailing line end.
+fn read_secret(path: &std::path::Path, variable: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::Invalid(format!("{variable}: cannot read {}: {e}", path.display()))
+    })?;
+    let value = text.trim_end_matches(['\r', '\n']);
+    if value.is_empty() {
+        return Err(ConfigError::Invalid(format!(
+            "{variable}: {} is empty",
+            path.display()
+        )));
+    }
+    Ok(value.to_owned())
+}
+
+/// Figment's errors, one line each, naming the key and the file it came from.
+fn describe(errors: figment::Error) -> String {
+    errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let source = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.source.as_ref())
+                .map(|s| format!(" in {s}"))
+                .unwrap_or_default();
+            match &e.kind {
+                figment::error::Kind::UnknownField(found, _) => format!(
+                    "unknown key `{found}`{source} (every key is listed in \
+                     sensorhub.example.toml)"
+                ),
+                kind => format!("`{key}`{source}: {kind}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 #[cfg(test)]
@@ -488,6 +608,109 @@ mod tests {
         assert_eq!(s.mongodb_collection, "sensor_readings");
         assert_eq!(s.http_listen.port(), 8000);
         assert_eq!(s.limits().unwrap(), Limits::default());
+    }
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redact("mongodb://u:secret@h:27017/db"),
+            "mongodb://u:***@h:27017/db"
+        );
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(
+            redact("mongodb://h/?tls=true&tlsCertificateKeyFilePassword=pw"),
+            "mongodb://h/?tls=true&tlsCertificateKeyFilePassword=***"
+        );
+        assert_eq!(redact("redis://:pw@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact("mqtt://user@h:1883"), "mqtt://user@h:1883");
+        let masked = Settings {
+            external_broker: "mqtt://gw:hunter2@broker:1883".into(),
+            ..Settings::default()
+        }
+        .masked()
+        .to_toml()
+        .unwrap();
+        assert!(!masked.contains("hunter2"), "{masked}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_unless_a_variable_gives_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("uri");
+        std::fs::write(&secret, "mongodb://u:pw@db:27017\n").unwrap();
+        let none = Some(dir.path().join("none.toml"));
+        std::fs::write(none.as_ref().unwrap(), "").unwrap();
+        let s = Settings::load(&ServeArgs {
+            config: none.clone(),
+            mongodb_uri_file: Some(secret.clone()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.mongodb_uri, "mongodb://u:pw@db:27017");
+        let s = Settings::load(&ServeArgs {
+            config: none.clone(),
+            mongodb_uri: Some("mongodb://direct".into()),
+            mongodb_uri_file: Some(secret),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(s.mongodb_uri, "mongodb://direct");
+        let missing = Settings::load(&ServeArgs {
+            config: none,
+            redis_url_file: Some(dir.path().join("absent")),
+            ..ServeArgs::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(missing.contains("REDIS_URL_FILE"), "{missing}");
+    }
+
+    #[test]
+    fn file_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let load = |text: &str| {
+            let file = dir.path().join("s.toml");
+            std::fs::write(&file, text).unwrap();
+            Settings::load(&ServeArgs {
+                config: Some(file),
+                ..ServeArgs::default()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        let unknown = load("mongodb_uri = \"mongodb://h\"\nretention = 3\n");
+        assert!(unknown.contains("unknown key `retention`"), "{unknown}");
+        let typed = load("journal_max_bytes = \"lots\"\n");
+        assert!(typed.contains("`journal_max_bytes`"), "{typed}");
+    }
+
+    /// The example file documents every setting with its default: it parses, equals the
+    /// defaults, and names every field (commented out when it has no default value).
+    #[test]
+    fn the_example_file_names_every_setting_with_its_default() {
+        let example = include_str!("../sensorhub.example.toml");
+        let parsed: Settings = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::string(example))
+            .extract()
+            .map_err(describe)
+            .unwrap();
+        assert_eq!(
+            parsed,
+            Settings::default(),
+            "the example's values are the defaults"
+        );
+        let serde_json::Value::Object(fields) = serde_json::to_value(Settings::default()).unwrap()
+        else {
+            panic!("Settings is a struct");
+        };
+        for field in fields.keys() {
+            let documented = example.lines().any(|line| {
+                let line = line.trim_start_matches('#').trim_start();
+                line.strip_prefix(field.as_str())
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            });
+            assert!(documented, "{field} is missing from sensorhub.example.toml");
+        }
     }
 
     #[test]
