@@ -4,11 +4,13 @@
 //! it and everything in it is tested without services.
 
 mod dead_letter;
+mod dead_letter_budget;
 mod decode;
 mod reading;
 mod timestamp;
 
 pub use dead_letter::DeadLetter;
+pub use dead_letter_budget::DeadLetterBudget;
 pub use decode::{
     Captured, DEAD_LETTER_RAW_BYTES, FORBIDDEN_TOPIC_PREFIX, Limits, Reason, Rejection,
     TOPIC_PREFIX, decode, is_reading_topic,
