@@ -14,6 +14,7 @@ mod ingest;
 mod latest;
 mod log_damage;
 mod malformed;
+mod ops_abuse;
 mod ops_config;
 mod ops_retention;
 mod payload_limit;
