@@ -44,14 +44,15 @@ pub enum BrokerError {
     #[error("cannot read the broker configuration {path}: {message}")]
     Config { path: String, message: String },
     #[error(
-        "cannot listen for MQTT on {addr} ({name}): {source}. Another broker (mosquitto?) or a \
+        "cannot listen for MQTT on {addr} ({name}): {cause}. Another broker (mosquitto?) or a \
          second sensorhub probably holds the port: stop it, or choose another address with \
          --mqtt-listen / --mqtt5-listen"
     )]
     Bind {
         name: String,
         addr: SocketAddr,
-        source: std::io::Error,
+        /// In the message, and deliberately not a `#[source]`: the cause chain would repeat it.
+        cause: std::io::Error,
     },
     #[error("the broker's internal subscriber could not attach: {0}")]
     Link(String),
@@ -205,7 +206,7 @@ impl EmbeddedBroker {
             let listener = TcpListener::bind(addr).map_err(|source| BrokerError::Bind {
                 name: "mqtts".into(),
                 addr: *addr,
-                source,
+                cause: source,
             })?;
             let key = HandoffKey(rand::random());
             let template =
@@ -220,7 +221,7 @@ impl EmbeddedBroker {
                 let addr = free_loopback_port().map_err(|source| BrokerError::Bind {
                     name: name.into(),
                     addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-                    source,
+                    cause: source,
                 })?;
                 let mut settings = template.clone();
                 settings.name = name.into();
@@ -317,7 +318,7 @@ impl EmbeddedBroker {
             let addr = listener.local_addr().map_err(|source| BrokerError::Bind {
                 name: "mqtts".into(),
                 addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
+                cause: source,
             })?;
             // Internal: reachable through the TLS front end only.
             listeners.retain(|(_, a)| *a != handoff.v4 && *a != handoff.v5);
@@ -330,7 +331,7 @@ impl EmbeddedBroker {
                     .map_err(|source| BrokerError::Bind {
                         name: "mqtts".into(),
                         addr,
-                        source,
+                        cause: source,
                     })?
             };
             let front_task = runtime.spawn(front::run(serve, certificates, handoff, stop.clone()));
@@ -395,7 +396,7 @@ pub fn check_listeners(config: &rumqttd::Config) -> Result<(), BrokerError> {
             .map_err(|source| BrokerError::Bind {
                 name: settings.name.clone(),
                 addr: settings.listen,
-                source,
+                cause: source,
             })?;
     }
     Ok(())

@@ -83,3 +83,26 @@ fn the_example_file_checks() {
     assert!(ok, "{err}");
     assert!(out.contains("reading_retention_days = 0"), "{out}");
 }
+
+/// A taken MQTT port ends the start with one line that gives the system's reason once.
+#[test]
+fn a_taken_mqtt_port_is_reported_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = Command::new(env!("CARGO_BIN_EXE_sensorhub"))
+        .args(["serve", "--mqtt-listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--http-listen",
+            &format!("127.0.0.1:{}", crate::helpers::free_port()),
+        ])
+        .env_remove("SENSORHUB_CONFIG")
+        .output()
+        .expect("run sensorhub");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("cannot listen for MQTT on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+}
