@@ -62,7 +62,11 @@ USER 10001:10001
 # (or SENSORHUB_MQTT_ALLOW_ANONYMOUS=true) MQTT listens on the container's loopback only.
 EXPOSE 1883 1884 8000 8883
 # No HEALTHCHECK here: the image has no HTTP client, and HEALTHCHECK is not part of the OCI image
-# format; docker-compose.yml probes GET /health with bash's /dev/tcp.
+# format; docker-compose.yml probes GET /health/ready with bash's /dev/tcp.
+# Runs with a read-only root filesystem (`docker run --read-only`, compose's read_only): the
+# process writes only under SENSORHUB_JOURNAL_DIR, on the volume, and needs no /tmp.
+# Secrets: MONGODB_URI_FILE, REDIS_URL_FILE, SENSORHUB_EXTERNAL_BROKER_FILE name mounted files
+# (/run/secrets/...); SENSORHUB_MQTT_AUTH and SENSORHUB_TLS_CERT/KEY are paths to mounted ones.
 # sensorhub is PID 1 and handles SIGTERM itself (ordered drain within shutdown_grace_secs).
 ENTRYPOINT ["sensorhub"]
 CMD ["serve"]
