@@ -48,6 +48,12 @@ pub struct Settings {
     /// This instance's client id at the external broker, stable across restarts so the broker
     /// keeps its session. Empty: `sensorhub-<host name>`.
     pub external_client_id: String,
+    /// For `mqtts://`: the CA certificate (PEM) of the external broker; none: the system's roots.
+    pub external_ca: Option<PathBuf>,
+    /// For `mqtts://` with client certificates: this instance's certificate chain (PEM).
+    pub external_cert: Option<PathBuf>,
+    /// The private key (PEM) of `external_cert`.
+    pub external_key: Option<PathBuf>,
     /// MongoDB write concern `w` ("majority", a node count or a tag); empty: the URI's, else
     /// "majority" when the URI names a replica set.
     pub mongodb_write_concern: String,
@@ -123,6 +129,9 @@ impl Default for Settings {
             external_broker: String::new(),
             share_group: "sensorhub".into(),
             external_client_id: String::new(),
+            external_ca: None,
+            external_cert: None,
+            external_key: None,
             dead_letter_ttl_days: 7,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_prefix: "sensorhub".into(),
@@ -203,6 +212,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_EXTERNAL_CLIENT_ID")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_client_id: Option<String>,
+    /// CA certificate (PEM) of an mqtts:// external broker [default: the system's roots]
+    #[arg(long, env = "SENSORHUB_EXTERNAL_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for an mqtts:// external broker
+    #[arg(long, env = "SENSORHUB_EXTERNAL_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_cert: Option<PathBuf>,
+    /// Private key (PEM) of --external-cert
+    #[arg(long, env = "SENSORHUB_EXTERNAL_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_key: Option<PathBuf>,
     /// MongoDB write concern w: majority | N | tag [default: the URI's, else majority on a
     /// replica set]
     #[arg(long, env = "SENSORHUB_MONGODB_WRITE_CONCERN")]
@@ -390,12 +411,27 @@ impl Settings {
         } else {
             self.external_client_id.clone()
         };
-        Ok(Some(ExternalConfig {
+        let client_cert = match (&self.external_cert, &self.external_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "external_cert and external_key go together".into(),
+                ));
+            }
+        };
+        let config = ExternalConfig {
             url: self.external_broker.trim().to_owned(),
             share_group: self.share_group.clone(),
             client_id,
             max_payload_bytes: self.max_payload_bytes,
-        }))
+            ca_file: self.external_ca.clone(),
+            client_cert,
+        };
+        external::check_tls(&config).map_err(|e| {
+            ConfigError::Invalid(format!("external broker TLS: {}", crate::error_chain(&e)))
+        })?;
+        Ok(Some(config))
     }
 
     /// The write concern setting; `None` when left to the URI and the defaults.
