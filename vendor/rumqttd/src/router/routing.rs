@@ -1561,7 +1561,8 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // The lower of the published and the granted QoS (MQTT 3.1.1 and 5, section 3.8.4).
+            publish.qos = min_qos(publish.qos, protocol::qos(qos).unwrap());
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
@@ -1622,6 +1623,14 @@ fn forward_device_data(
         ConsumeStatus::FilterCaughtup
     } else {
         ConsumeStatus::PartialRead
+    }
+}
+
+fn min_qos(published: QoS, granted: QoS) -> QoS {
+    if (published as u8) < (granted as u8) {
+        published
+    } else {
+        granted
     }
 }
 
