@@ -196,6 +196,9 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// No Local (MQTT 5, 3.8.3.1): skip messages this subscriber's client id published
+    #[serde(default)]
+    pub(crate) nolocal: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
