@@ -14,7 +14,7 @@ use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 use uuid::Uuid;
 
 #[cfg(feature = "websocket")]
@@ -575,6 +575,13 @@ async fn remote<P: Protocol>(
     match link.start().await {
         // Connection got closed. This shouldn't usually happen.
         Ok(_) => error!("connection-stop"),
+        // The router ended the connection: the client sent DISCONNECT, a new connection took
+        // over its client id, or the router refused a packet (and logged why). Not an error of
+        // its own, and at ERROR it buried the real ones under one line per ordinary disconnect.
+        Err(remote::Error::Link(e @ local::LinkError::Recv(_))) => {
+            debug!(error=?e, "router-drop");
+            send_disconnect = false;
+        }
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
         Err(remote::Error::Link(e)) => {
