@@ -49,6 +49,8 @@ pub struct LinkBuilder<'a> {
     dynamic_filters: bool,
     // default to 0, indicating to not use topic alias
     topic_alias_max: u16,
+    // None by default: MQTT 3.1.1 session rules
+    session_expiry: Option<u32>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -62,6 +64,7 @@ impl<'a> LinkBuilder<'a> {
             last_will_properties: None,
             dynamic_filters: false,
             topic_alias_max: 0,
+            session_expiry: None,
         }
     }
 
@@ -88,6 +91,12 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// MQTT 5 Session Expiry Interval (seconds) of the connection; None for MQTT 3.1.1.
+    pub fn session_expiry(mut self, seconds: Option<u32>) -> Self {
+        self.session_expiry = seconds;
+        self
+    }
+
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
         self
@@ -110,7 +119,8 @@ impl<'a> LinkBuilder<'a> {
 
         connection
             .last_will(self.last_will, self.last_will_properties)
-            .topic_alias_max(self.topic_alias_max);
+            .topic_alias_max(self.topic_alias_max)
+            .session_expiry(self.session_expiry);
         let incoming = Incoming::new(connection.client_id.to_owned());
         let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
         let outgoing_data_buffer = outgoing.buffer();

@@ -100,6 +100,8 @@ impl<P: Protocol> RemoteLink<P> {
             .last_will_properties(lastwill_props)
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
+            // MQTT 5 (properties present, if empty): the session lives by its expiry interval
+            .session_expiry(props.as_ref().map(|_| session_expiry))
             .build()?;
 
         let id = link_rx.id();

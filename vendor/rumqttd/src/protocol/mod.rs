@@ -58,7 +58,7 @@ pub struct Connect {
     pub clean_session: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ConnectProperties {
     /// Expiry interval property after loosing connection
     pub session_expiry_interval: Option<u32>,

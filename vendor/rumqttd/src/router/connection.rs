@@ -4,6 +4,7 @@ use crate::protocol::LastWillProperties;
 use crate::Filter;
 use crate::{protocol::LastWill, Topic};
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use super::ConnectionEvents;
 
@@ -17,8 +18,11 @@ pub struct Connection {
     pub tenant_prefix: Option<String>,
     /// Dynamically create subscription filters incase they didn't exist during a publish
     pub dynamic_filters: bool,
-    /// Clean session
+    /// Clean session (MQTT 3.1.1), Clean Start (MQTT 5)
     pub clean: bool,
+    /// MQTT 5 Session Expiry Interval in seconds; None for MQTT 3.1.1, whose session outlives
+    /// the connection exactly when `clean` is false
+    pub session_expiry: Option<u32>,
     /// Subscriptions
     pub subscriptions: HashSet<Filter>,
     /// Last will of this connection
@@ -59,6 +63,7 @@ impl Connection {
             tenant_prefix,
             dynamic_filters,
             clean,
+            session_expiry: None,
             subscriptions: HashSet::default(),
             last_will: None,
             last_will_properties: None,
@@ -75,6 +80,25 @@ impl Connection {
             self.broker_topic_aliases = Some(BrokerAliases::new(max));
         }
         self
+    }
+
+    /// MQTT 5: the session outlives the connection by `seconds` (u32::MAX: for ever), whatever
+    /// Clean Start said; None keeps the MQTT 3.1.1 rule.
+    pub fn session_expiry(&mut self, seconds: Option<u32>) -> &mut Connection {
+        self.session_expiry = seconds;
+        self
+    }
+
+    /// How long the session is kept once the connection ends: None when it ends with it,
+    /// Some(None) for ever, Some(Some(d)) for d.
+    pub(crate) fn session_lifetime(&self) -> Option<Option<Duration>> {
+        match self.session_expiry {
+            None if self.clean => None,
+            None => Some(None),
+            Some(0) => None,
+            Some(u32::MAX) => Some(None),
+            Some(seconds) => Some(Some(Duration::from_secs(seconds.into()))),
+        }
     }
 
     pub fn last_will(

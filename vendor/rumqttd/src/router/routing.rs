@@ -495,8 +495,9 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions
-        if !connection.clean {
+        // Save state for persistent sessions: MQTT 3.1.1 without clean session, MQTT 5 with a
+        // Session Expiry Interval (whatever Clean Start said)
+        if let Some(lifetime) = connection.session_lifetime() {
             // Add inflight data requests back to tracker
             inflight_data_requests
                 .into_iter()
@@ -521,6 +522,7 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
+                lifetime,
             );
         } else {
             tracker.pause(PauseReason::Busy);
@@ -867,10 +869,20 @@ impl Router {
 
                     force_ack = true;
                 }
-                Packet::Disconnect(_, _) => {
+                Packet::Disconnect(_, props) => {
                     let span = tracing::info_span!("disconnect");
                     let _guard = span.enter();
                     disconnect = true;
+                    // MQTT 5 (3.14.2.2.2): DISCONNECT may change the Session Expiry Interval,
+                    // except from 0, which is a protocol error (the session ends regardless)
+                    let interval = props.and_then(|p| p.session_expiry_interval);
+                    let connection = self.connections.get_mut(id).unwrap();
+                    if let (Some(interval), Some(current)) = (interval, connection.session_expiry)
+                    {
+                        if current != 0 {
+                            connection.session_expiry = Some(interval);
+                        }
+                    }
                     // delete the last will message
                     self.last_wills.remove(&client_id);
                     break;

@@ -35,7 +35,10 @@ pub fn read(
     let clean_session = (connect_flags & 0b10) != 0;
     let keep_alive = read_u16(&mut bytes)?;
 
-    let properties = properties::read(&mut bytes)?;
+    // An MQTT 5 CONNECT always has properties, if only an empty list. Decoded as Some, they
+    // tell the broker to apply MQTT 5 session rules (Session Expiry Interval, default 0)
+    // rather than the 3.1.1 ones, which it applies when they are None.
+    let properties = Some(properties::read(&mut bytes)?.unwrap_or_default());
 
     let client_id = read_mqtt_string(&mut bytes)?;
     let (will, willproperties) = will::read(connect_flags, &mut bytes)?;
