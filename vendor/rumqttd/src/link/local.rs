@@ -51,6 +51,8 @@ pub struct LinkBuilder<'a> {
     topic_alias_max: u16,
     // None by default: MQTT 3.1.1 session rules
     session_expiry: Option<u32>,
+    // None by default: up to the router's inflight limit
+    receive_maximum: Option<u16>,
 }
 
 impl<'a> LinkBuilder<'a> {
@@ -65,6 +67,7 @@ impl<'a> LinkBuilder<'a> {
             dynamic_filters: false,
             topic_alias_max: 0,
             session_expiry: None,
+            receive_maximum: None,
         }
     }
 
@@ -97,6 +100,12 @@ impl<'a> LinkBuilder<'a> {
         self
     }
 
+    /// MQTT 5 Receive Maximum of the client: QoS 1 and 2 messages it accepts unacknowledged.
+    pub fn receive_maximum(mut self, receive_maximum: Option<u16>) -> Self {
+        self.receive_maximum = receive_maximum;
+        self
+    }
+
     pub fn clean_session(mut self, clean: bool) -> Self {
         self.clean_session = clean;
         self
@@ -122,7 +131,8 @@ impl<'a> LinkBuilder<'a> {
             .topic_alias_max(self.topic_alias_max)
             .session_expiry(self.session_expiry);
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        outgoing.receive_maximum(self.receive_maximum);
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 

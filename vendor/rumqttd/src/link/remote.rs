@@ -102,6 +102,7 @@ impl<P: Protocol> RemoteLink<P> {
             .topic_alias_max(topic_alias_max.unwrap_or(0))
             // MQTT 5 (properties present, if empty): the session lives by its expiry interval
             .session_expiry(props.as_ref().map(|_| session_expiry))
+            .receive_maximum(props.as_ref().and_then(|p| p.receive_maximum))
             .build()?;
 
         let id = link_rx.id();

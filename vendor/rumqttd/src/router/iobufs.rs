@@ -66,6 +66,9 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// QoS 1 and 2 messages in flight at most: the client's Receive Maximum (MQTT 5,
+    /// 3.1.2.11.3), if lower than MAX_INFLIGHT
+    inflight_limit: usize,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -87,6 +90,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            inflight_limit: MAX_INFLIGHT,
             meter: Default::default(),
         };
 
@@ -99,7 +103,14 @@ impl Outgoing {
     }
 
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        self.inflight_limit.saturating_sub(self.inflight_buffer.len())
+    }
+
+    /// Sends no more QoS 1 and 2 messages unacknowledged than the client's Receive Maximum.
+    pub fn receive_maximum(&mut self, receive_maximum: Option<u16>) {
+        if let Some(maximum) = receive_maximum.filter(|&m| m > 0) {
+            self.inflight_limit = MAX_INFLIGHT.min(maximum.into());
+        }
     }
 
     pub fn push_notification(&mut self, notification: Notification) -> usize {
