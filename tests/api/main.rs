@@ -12,6 +12,8 @@ mod faults;
 mod ingest;
 mod latest;
 mod malformed;
+mod mqtt_v311;
+mod mqtt_v5;
 mod range;
 mod restart;
 mod simulator;
