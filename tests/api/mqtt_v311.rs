@@ -51,10 +51,10 @@ async fn connect(options: MqttOptions) -> (Client, ConnAck) {
     .expect("no CONNACK");
     let task = tokio::spawn(async move {
         while let Ok(event) = eventloop.poll().await {
-            if let Event::Incoming(packet) = event {
-                if tx.send(packet).is_err() {
-                    return;
-                }
+            if let Event::Incoming(packet) = event
+                && tx.send(packet).is_err()
+            {
+                return;
             }
         }
     });
