@@ -14,6 +14,8 @@ mod ingest;
 mod latest;
 mod log_damage;
 mod malformed;
+mod mqtt_v311;
+mod mqtt_v5;
 mod payload_limit;
 mod range;
 mod raw_mqtt;
