@@ -118,6 +118,7 @@ impl Application {
             let cache_state = Arc::clone(&cache_state);
             Box::new(move || cache_state.mark_stale())
         });
+        let live = Arc::new(crate::live::Live::default());
         let intake = CancellationToken::new();
         let mut services = JoinSet::new();
 
@@ -136,6 +137,7 @@ impl Application {
                 metrics: Arc::clone(&metrics),
                 health: Arc::clone(&health),
                 cache_tx,
+                live: Arc::clone(&live),
             }
             .run(writer_stop.clone()),
         );
@@ -204,7 +206,8 @@ impl Application {
             metrics,
             gauges,
             Duration::from_millis(settings.read_cache_ms),
-        );
+        )
+        .with_live(live, Duration::from_secs(settings.sensor_stale_secs));
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let http = tokio::spawn(api::serve(
             http_listener,

@@ -74,6 +74,8 @@ pub struct Settings {
     pub simulate_sensors: usize,
     /// Milliseconds between two readings of one simulated sensor.
     pub simulate_interval_ms: u64,
+    /// Seconds without a reading after which `/sensors` calls a sensor stale.
+    pub sensor_stale_secs: u64,
 }
 
 impl Default for Settings {
@@ -106,6 +108,7 @@ impl Default for Settings {
             simulate: false,
             simulate_sensors: 5,
             simulate_interval_ms: 1000,
+            sensor_stale_secs: 300,
         }
     }
 }
@@ -221,6 +224,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_SIMULATE_INTERVAL_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub simulate_interval_ms: Option<u64>,
+    /// Seconds without a reading after which a sensor is stale [default: 300]
+    #[arg(long, env = "SENSORHUB_SENSOR_STALE_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensor_stale_secs: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -11,14 +11,15 @@
 //!   repairs the Redis latest sets;
 //! - [`store`]: MongoDB (history, dead letters);
 //! - [`cache`]: Redis (latest ten per sensor and overall);
-//! - [`api`]: the HTTP API, OpenAPI document and UI;
+//! - [`live`]: the fan-out of newly stored readings to `/stream` subscribers;
+//! - [`api`]: the HTTP API, OpenAPI document, UI and live page;
 //! - [`simulator`]: simulated sensors over real MQTT;
 //! - [`domain`]: the vocabulary underneath (readings, timestamps, decoding), pure;
 //! - [`metrics`]: counters shared by all stages;
 //! - [`config`], [`app`], [`cli`]: settings, wiring and the command line.
 //!
 //! Dependencies point one way: `domain` and `metrics` import nothing else of ours; `broker`,
-//! `journal`, `store` and `cache` import only those; `ingest` joins the adapters; `api` reads
+//! `journal`, `store`, `cache` and `live` import only those; `ingest` joins the adapters; `api` reads
 //! `store` and `cache` and never touches the broker; only `app` knows everything.
 
 pub mod api;
@@ -30,6 +31,7 @@ pub mod config;
 pub mod domain;
 pub mod ingest;
 pub mod journal;
+pub mod live;
 pub mod metrics;
 pub mod simulator;
 pub mod store;
