@@ -20,6 +20,8 @@ use crate::domain::{Reading, Timestamp};
 pub const WINDOW: usize = 10_000;
 /// Batches a subscriber may be behind before it is dropped.
 pub const CAPACITY: usize = 1024;
+/// Readings a subscriber may be behind before it is dropped (whichever bound it reaches first).
+pub const MAX_LAG: u64 = WINDOW as u64;
 
 /// Consecutive readings with consecutive ids, starting at `first_id`.
 #[derive(Debug)]
@@ -55,6 +57,8 @@ pub struct Live {
     pub dropped: AtomicU64,
     /// Subscribers connected now.
     pub subscribers: AtomicU64,
+    /// The id the next reading will get.
+    next_id: AtomicU64,
 }
 
 /// What a new subscriber gets: the readings it missed (if it said where it was), then the live
@@ -88,6 +92,7 @@ impl Live {
             window,
             dropped: AtomicU64::new(0),
             subscribers: AtomicU64::new(0),
+            next_id: AtomicU64::new(first),
         }
     }
 
@@ -109,6 +114,7 @@ impl Live {
             readings,
         });
         recent.next_id += chunk.readings.len() as u64;
+        self.next_id.store(recent.next_id, Ordering::Relaxed);
         recent.readings += chunk.readings.len();
         recent.chunks.push_back(Arc::clone(&chunk));
         while recent.readings > self.window && recent.chunks.len() > 1 {
@@ -142,6 +148,13 @@ impl Live {
             .cloned()
             .collect();
         Subscription { missed, gap, rx }
+    }
+
+    /// How many readings were published after `chunk`: how far behind its reader is.
+    pub fn behind(&self, chunk: &Chunk) -> u64 {
+        self.next_id
+            .load(Ordering::Relaxed)
+            .saturating_sub(chunk.last_id() + 1)
     }
 
     pub fn count_dropped(&self) {
@@ -219,5 +232,11 @@ mod tests {
             sub.rx.try_recv(),
             Err(broadcast::error::TryRecvError::Lagged(_))
         ));
+        let mut next = live.subscribe(None);
+        live.publish(&readings(3));
+        let chunk = next.rx.try_recv().unwrap();
+        assert_eq!(live.behind(&chunk), 0);
+        live.publish(&readings(4));
+        assert_eq!(live.behind(&chunk), 4);
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::types::{EventStreamOf, ReadingOut, Reply};
 use super::{ApiState, Tag};
 use crate::domain::Reading;
-use crate::live::{Chunk, Live};
+use crate::live::{Chunk, Live, MAX_LAG};
 
 pub struct Stream {
     pub state: ApiState,
@@ -131,7 +131,12 @@ impl Stream {
                 if let Some(event) = state.pending.pop_front() {
                     return Some((event, state));
                 }
-                match state.rx.recv().await {
+                let next = match state.rx.recv().await {
+                    Ok(chunk) if state.connected.0.behind(&chunk) <= MAX_LAG => Ok(chunk),
+                    Ok(_) => Err(RecvError::Lagged(0)),
+                    Err(e) => Err(e),
+                };
+                match next {
                     Ok(chunk) => state.take(&chunk),
                     Err(RecvError::Lagged(_)) => {
                         state.connected.0.count_dropped();

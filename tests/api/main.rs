@@ -16,3 +16,4 @@ mod queries;
 mod range;
 mod simulator;
 mod startup;
+mod stream;
