@@ -12,6 +12,7 @@ mod faults;
 mod ingest;
 mod latest;
 mod malformed;
+mod page;
 mod queries;
 mod range;
 mod simulator;
