@@ -9,7 +9,7 @@ use poem_openapi::registry::{MetaSchema, MetaSchemaRef};
 use poem_openapi::types::{ParseError, ParseFromParameter, ParseResult, Type};
 
 use crate::domain::{Reading, Reason, Timestamp};
-use crate::store::{Order, RangeCursor};
+use crate::store::{Order, RangeCursor, Stat};
 
 /// Epoch milliseconds accepted where a time may be a number (up to the year 2286).
 const EPOCH_MS_PATTERN: &str = "^[0-9]{1,13}$";
@@ -152,6 +152,34 @@ string_param!(ReasonParam, "dead-letter-reason", reason_schema(), |text| {
         format!("'{text}' is not one of: {}", known.join(", "))
     })
 });
+
+/// A statistic of `/readings/aggregate` (`fn=min,max`). An empty item (`fn=`) names none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatChoice(pub Option<Stat>);
+
+fn stat_schema() -> MetaSchema {
+    MetaSchema {
+        enum_items: Stat::ALL.iter().map(|s| s.name().into()).collect(),
+        ..MetaSchema::new("string")
+    }
+}
+
+string_param!(StatChoice, "statistic", stat_schema(), |text| {
+    if text.is_empty() {
+        return Ok(StatChoice(None));
+    }
+    Stat::ALL
+        .into_iter()
+        .find(|s| s.name() == text)
+        .map(|s| StatChoice(Some(s)))
+        .ok_or_else(|| format!("'{text}' is not one of: min, max, avg, count, first, last"))
+});
+
+impl poem_openapi::types::ToJSON for StatChoice {
+    fn to_json(&self) -> Option<serde_json::Value> {
+        self.0.map(|s| s.name().into())
+    }
+}
 
 /// Sort order of readings by time.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Enum)]

@@ -11,7 +11,8 @@ use poem_openapi::{Enum, OpenApi};
 use super::error::ApiError;
 use super::memo;
 use super::params::{
-    ChartTime, DateTimeParam, OrderParam, Zone, encode, parse_range_cursor, range_cursor,
+    ChartTime, DateTimeParam, OrderParam, StatChoice, Zone, encode, parse_range_cursor,
+    range_cursor,
 };
 use super::types::{
     AggregateOut, BucketOut, CSV_CONTENT_TYPE, Export, JsonArrayStream, NDJSON_CONTENT_TYPE,
@@ -65,31 +66,6 @@ impl IntervalParam {
             IntervalParam::FifteenMinutes => "15m",
             IntervalParam::OneHour => "1h",
             IntervalParam::OneDay => "1d",
-        }
-    }
-}
-
-/// A statistic of `/readings/aggregate`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Enum)]
-#[oai(rename_all = "lowercase")]
-pub enum StatParam {
-    Min,
-    Max,
-    Avg,
-    Count,
-    First,
-    Last,
-}
-
-impl From<StatParam> for Stat {
-    fn from(s: StatParam) -> Self {
-        match s {
-            StatParam::Min => Stat::Min,
-            StatParam::Max => Stat::Max,
-            StatParam::Avg => Stat::Avg,
-            StatParam::Count => Stat::Count,
-            StatParam::First => Stat::First,
-            StatParam::Last => Stat::Last,
         }
     }
 }
@@ -292,12 +268,12 @@ impl History {
         &self,
         range: Range,
         interval: IntervalParam,
-        stats: Vec<StatParam>,
+        stats: Vec<StatChoice>,
         zone: Zone,
         empty: EmptyParam,
     ) -> Result<AggregateOut, ApiError> {
         let mut wanted: Vec<Stat> = Vec::new();
-        for stat in stats.into_iter().map(Stat::from) {
+        for stat in stats.into_iter().filter_map(|s| s.0) {
             if !wanted.contains(&stat) {
                 wanted.push(stat);
             }
@@ -628,7 +604,7 @@ impl History {
         interval: Query<IntervalParam>,
         /// Statistics, comma-separated (default: all).
         #[oai(name = "fn", explode = false, default)]
-        stats: Query<Vec<StatParam>>,
+        stats: Query<Vec<StatChoice>>,
         /// The IANA time zone buckets align to (default UTC).
         tz: Query<Option<Zone>>,
         /// `omit` (the default) leaves out buckets without readings; `fill` lists them with
