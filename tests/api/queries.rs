@@ -838,3 +838,29 @@ async fn the_openapi_document_declares_bounds_requirements_formats_and_enums() {
     let reading = &spec["components"]["schemas"]["Reading"];
     assert!(reading["example"].is_object(), "{reading}");
 }
+
+#[test]
+fn the_shipped_grafana_dashboard_queries_the_series_endpoint() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/grafana");
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/dashboards/sensorhub.json")).unwrap(),
+    )
+    .unwrap();
+    let target = &dashboard["panels"][0]["targets"][0];
+    assert_eq!(target["datasource"]["uid"], "sensorhub");
+    let url = target["url"].as_str().unwrap();
+    for part in [
+        "/grafana/series?",
+        "from=${__from}",
+        "to=${__to}",
+        "max_points=${__maxDataPoints}",
+    ] {
+        assert!(url.contains(part), "{url}");
+    }
+    let datasource =
+        std::fs::read_to_string(format!("{dir}/provisioning/datasources/sensorhub.yaml")).unwrap();
+    assert!(
+        datasource.contains("uid: sensorhub")
+            && datasource.contains("yesoreyeram-infinity-datasource")
+    );
+}
