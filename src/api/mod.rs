@@ -2,7 +2,10 @@
 //! OpenAPI document and UI, health and metrics.
 //!
 //! The paths of the system sensorhub replaces stay valid: `/startoenddate`, `/latestten`,
-//! `/latestten/{sensor_id}`, `/allData`, `/`, `/docs`. Handlers translate between HTTP and the
+//! `/latestten/{sensor_id}`, `/allData`, `/`, `/docs`, and the spellings its users call
+//! (`/alldata`, `/starttoenddate`). The rest: `sensors` (summary), `readings` (history, export,
+//! aggregates, Grafana), `stream` (live), `params` (typed parameters), `error` (the one
+//! mapping to HTTP), `page/` (the live page, served as it is). Handlers translate between HTTP and the
 //! domain; they never build queries or cache keys (store and cache do) and never touch the broker.
 
 mod error;

@@ -11,6 +11,7 @@ import argparse
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,8 @@ TIMEOUT = 30.0
 
 class Browser:
     def __init__(self, chromium, width, height):
-        self.profile = tempfile.TemporaryDirectory(prefix="sensorhub-chromium-")
+        self.profile = tempfile.TemporaryDirectory(
+            prefix="sensorhub-chromium-", ignore_cleanup_errors=True)
         to_chrome_r, self.to_chrome = os.pipe()
         self.from_chrome, from_chrome_w = os.pipe()
 
@@ -39,7 +41,7 @@ class Browser:
              "--no-first-run", "--no-default-browser-check", "--hide-scrollbars",
              f"--window-size={width},{height}", f"--user-data-dir={self.profile.name}",
              "--remote-debugging-pipe", "about:blank"],
-            preexec_fn=fds, close_fds=False,
+            preexec_fn=fds, close_fds=False, start_new_session=True,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_chrome_r)
         os.close(from_chrome_w)
@@ -95,7 +97,16 @@ class Browser:
             f.write(base64.b64decode(data))
 
     def close(self):
-        self.proc.kill()
+        # Chromium's own helper processes share its session: end them all.
+        try:
+            self.send("Browser.close", session=False)
+            self.proc.wait(timeout=5)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait()
         self.profile.cleanup()
 
