@@ -5,8 +5,9 @@
 //! `/latestten/{sensor_id}`, `/allData`, `/`, `/docs`, and the spellings its users call
 //! (`/alldata`, `/starttoenddate`). The rest: `sensors` (summary), `readings` (history, export,
 //! aggregates, Grafana), `stream` (live), `params` (typed parameters), `error` (the one
-//! mapping to HTTP), `page/` (the live page, served as it is). Handlers translate between HTTP and the
-//! domain; they never build queries or cache keys (store and cache do) and never touch the broker.
+//! mapping to HTTP), `page/` (the live page, served as it is). Handlers translate between HTTP
+//! and the domain; they never build queries or cache keys (store and cache do) and never touch
+//! the broker.
 
 mod error;
 mod memo;
