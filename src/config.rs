@@ -111,6 +111,11 @@ pub struct Settings {
     /// PEM CA of device client certificates on the MQTT TLS listener: a certificate it signed
     /// identifies the device by its common name, the user of its entry in `mqtt_auth`.
     pub tls_client_ca: Option<PathBuf>,
+    /// Seconds without a reading after which `/sensors` calls a sensor stale.
+    pub sensor_stale_secs: u64,
+    /// Seconds an HTTP write may make no progress before the connection is closed: cuts off
+    /// clients that stop reading (a `/stream` subscriber gone silent, a slowloris reader).
+    pub http_write_timeout_secs: u64,
 }
 
 impl Default for Settings {
@@ -156,6 +161,8 @@ impl Default for Settings {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            sensor_stale_secs: 300,
+            http_write_timeout_secs: 30,
         }
     }
 }
@@ -325,6 +332,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_TLS_CLIENT_CA")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Seconds without a reading after which a sensor is stale [default: 300]
+    #[arg(long, env = "SENSORHUB_SENSOR_STALE_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensor_stale_secs: Option<u64>,
+    /// Seconds an HTTP write may stall before the client is cut off [default: 30]
+    #[arg(long, env = "SENSORHUB_HTTP_WRITE_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_write_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -361,6 +376,9 @@ impl Settings {
         self.limits()?;
         self.write_concern()?;
         self.external()?;
+        if self.http_write_timeout_secs == 0 {
+            return fail("http_write_timeout_secs must be at least 1".into());
+        }
         if self.journal_segment_bytes < 64 * 1024 {
             return fail("journal_segment_bytes must be at least 65536".into());
         }

@@ -3,11 +3,13 @@
 //! Pure code. It imports nothing of ours and does no I/O, so every other module can depend on
 //! it and everything in it is tested without services.
 
+mod buckets;
 mod dead_letter;
 mod decode;
 mod reading;
 mod timestamp;
 
+pub use buckets::{Interval, bucket_end, bucket_start, bucket_starts};
 pub use dead_letter::DeadLetter;
 pub use decode::{
     Captured, DEAD_LETTER_RAW_BYTES, FORBIDDEN_TOPIC_PREFIX, Limits, Reason, Rejection,
