@@ -9,9 +9,11 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 
-# Dependencies first, against placeholder sources: this layer is rebuilt only when Cargo.toml or
-# Cargo.lock change, not on every edit of src/.
+# Dependencies first, against placeholder sources: this layer is rebuilt only when Cargo.toml,
+# Cargo.lock or the vendored rumqttd (patched, see patches/rumqttd/) change, not on every edit
+# of src/.
 COPY Cargo.toml Cargo.lock ./
+COPY vendor ./vendor
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \

@@ -137,6 +137,7 @@ impl Application {
             let cache_state = Arc::clone(&cache_state);
             Box::new(move || cache_state.mark_stale())
         });
+        let live = Arc::new(crate::live::Live::default());
         let intake = CancellationToken::new();
         let mut services = JoinSet::new();
 
@@ -155,6 +156,7 @@ impl Application {
                 metrics: Arc::clone(&metrics),
                 health: Arc::clone(&health),
                 cache_tx,
+                live: Arc::clone(&live),
             }
             .run(writer_stop.clone()),
         );
@@ -252,19 +254,23 @@ impl Application {
             metrics,
             gauges,
             Duration::from_millis(settings.read_cache_ms),
-        );
+        )
+        .with_live(live, Duration::from_secs(settings.sensor_stale_secs));
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
+        let write_timeout = Duration::from_secs(settings.http_write_timeout_secs);
         let http = match &certificates {
             None => tokio::spawn(api::serve(
                 http_listener,
                 state,
                 http_stop.clone().cancelled_owned(),
                 grace,
+                write_timeout,
             )),
             Some(certificates) => {
                 let acceptor =
                     HttpsAcceptor::new(http_listener, Arc::clone(certificates), http_stop.clone())
                         .context("cannot serve HTTPS")?;
+                let acceptor = api::WriteDeadline::new(acceptor, write_timeout);
                 tokio::spawn(
                     poem::Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
                         api::app(state),

@@ -48,6 +48,12 @@ pub struct Settings {
     /// This instance's client id at the external broker, stable across restarts so the broker
     /// keeps its session. Empty: `sensorhub-<host name>`.
     pub external_client_id: String,
+    /// For `mqtts://`: the CA certificate (PEM) of the external broker; none: the system's roots.
+    pub external_ca: Option<PathBuf>,
+    /// For `mqtts://` with client certificates: this instance's certificate chain (PEM).
+    pub external_cert: Option<PathBuf>,
+    /// The private key (PEM) of `external_cert`.
+    pub external_key: Option<PathBuf>,
     /// MongoDB write concern `w` ("majority", a node count or a tag); empty: the URI's, else
     /// "majority" when the URI names a replica set.
     pub mongodb_write_concern: String,
@@ -109,6 +115,11 @@ pub struct Settings {
     /// history forever (the default). A TTL index on `timestamp`, changed in place when this
     /// changes; MongoDB deletes expired readings about once a minute.
     pub reading_retention_days: u64,
+    /// Seconds without a reading after which `/sensors` calls a sensor stale.
+    pub sensor_stale_secs: u64,
+    /// Seconds an HTTP write may make no progress before the connection is closed: cuts off
+    /// clients that stop reading (a `/stream` subscriber gone silent, a slowloris reader).
+    pub http_write_timeout_secs: u64,
 }
 
 impl Default for Settings {
@@ -127,6 +138,9 @@ impl Default for Settings {
             external_broker: String::new(),
             share_group: "sensorhub".into(),
             external_client_id: String::new(),
+            external_ca: None,
+            external_cert: None,
+            external_key: None,
             dead_letter_ttl_days: 7,
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_prefix: "sensorhub".into(),
@@ -152,6 +166,8 @@ impl Default for Settings {
             tls_key: None,
             tls_client_ca: None,
             reading_retention_days: 0,
+            sensor_stale_secs: 300,
+            http_write_timeout_secs: 30,
         }
     }
 }
@@ -208,6 +224,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_EXTERNAL_CLIENT_ID")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub external_client_id: Option<String>,
+    /// CA certificate (PEM) of an mqtts:// external broker [default: the system's roots]
+    #[arg(long, env = "SENSORHUB_EXTERNAL_CA")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for an mqtts:// external broker
+    #[arg(long, env = "SENSORHUB_EXTERNAL_CERT")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_cert: Option<PathBuf>,
+    /// Private key (PEM) of --external-cert
+    #[arg(long, env = "SENSORHUB_EXTERNAL_KEY")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub external_key: Option<PathBuf>,
     /// MongoDB write concern w: majority | N | tag [default: the URI's, else majority on a
     /// replica set]
     #[arg(long, env = "SENSORHUB_MONGODB_WRITE_CONCERN")]
@@ -325,6 +353,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_EXTERNAL_BROKER_FILE", value_name = "FILE")]
     #[serde(skip)]
     pub external_broker_file: Option<PathBuf>,
+    /// Seconds without a reading after which a sensor is stale [default: 300]
+    #[arg(long, env = "SENSORHUB_SENSOR_STALE_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensor_stale_secs: Option<u64>,
+    /// Seconds an HTTP write may stall before the client is cut off [default: 30]
+    #[arg(long, env = "SENSORHUB_HTTP_WRITE_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_write_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -381,6 +417,9 @@ impl Settings {
         self.limits()?;
         self.write_concern()?;
         self.external()?;
+        if self.http_write_timeout_secs == 0 {
+            return fail("http_write_timeout_secs must be at least 1".into());
+        }
         if self.journal_segment_bytes < 64 * 1024 {
             return fail("journal_segment_bytes must be at least 65536".into());
         }
@@ -431,12 +470,27 @@ impl Settings {
         } else {
             self.external_client_id.clone()
         };
-        Ok(Some(ExternalConfig {
+        let client_cert = match (&self.external_cert, &self.external_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "external_cert and external_key go together".into(),
+                ));
+            }
+        };
+        let config = ExternalConfig {
             url: self.external_broker.trim().to_owned(),
             share_group: self.share_group.clone(),
             client_id,
             max_payload_bytes: self.max_payload_bytes,
-        }))
+            ca_file: self.external_ca.clone(),
+            client_cert,
+        };
+        external::check_tls(&config).map_err(|e| {
+            ConfigError::Invalid(format!("external broker TLS: {}", crate::error_chain(&e)))
+        })?;
+        Ok(Some(config))
     }
 
     /// The write concern setting; `None` when left to the URI and the defaults.

@@ -11,7 +11,8 @@
 //!   repairs the Redis latest sets;
 //! - [`store`]: MongoDB (history, dead letters);
 //! - [`cache`]: Redis (latest ten per sensor and overall);
-//! - [`api`]: the HTTP API, OpenAPI document and UI;
+//! - [`live`]: the fan-out of newly stored readings to `/stream` subscribers;
+//! - [`api`]: the HTTP API, OpenAPI document, UI and live page;
 //! - [`simulator`]: simulated sensors over real MQTT;
 //! - [`auth`]: device credentials and grants, enforced by the broker's codec;
 //! - [`tls`]: certificates for MQTT over TLS and HTTPS, reloaded on SIGHUP;
@@ -20,8 +21,8 @@
 //! - [`config`], [`app`], [`cli`]: settings, wiring and the command line.
 //!
 //! Dependencies point one way: `domain`, `metrics`, `auth` and `tls` import nothing else of
-//! ours (`metrics` reads `domain`); `broker` imports those four; `journal`, `store` and `cache`
-//! import only `domain` and `metrics`; `ingest` joins the adapters; `api` reads
+//! ours (`metrics` reads `domain`); `broker` imports those four; `journal`, `store`, `cache` and
+//! `live` import only `domain` and `metrics`; `ingest` joins the adapters; `api` reads
 //! `store` and `cache` and never touches the broker; only `app` knows everything.
 
 pub mod api;
@@ -34,6 +35,7 @@ pub mod config;
 pub mod domain;
 pub mod ingest;
 pub mod journal;
+pub mod live;
 pub mod metrics;
 pub mod simulator;
 pub mod store;

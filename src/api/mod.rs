@@ -2,11 +2,20 @@
 //! OpenAPI document and UI, health and metrics.
 //!
 //! The paths of the system sensorhub replaces stay valid: `/startoenddate`, `/latestten`,
-//! `/latestten/{sensor_id}`, `/allData`, `/`, `/docs`. Handlers translate between HTTP and the
-//! domain; they never build queries or cache keys (store and cache do) and never touch the broker.
+//! `/latestten/{sensor_id}`, `/allData`, `/`, `/docs`, and the spellings its users call
+//! (`/alldata`, `/starttoenddate`). The rest: `sensors` (summary), `readings` (history, export,
+//! aggregates, Grafana), `stream` (live), `params` (typed parameters), `error` (the one
+//! mapping to HTTP), `page/` (the live page, served as it is). Handlers translate between HTTP
+//! and the domain; they never build queries or cache keys (store and cache do) and never touch
+//! the broker.
 
+mod deadline;
 mod error;
 mod memo;
+mod params;
+mod readings;
+mod sensors;
+mod stream;
 mod types;
 
 use std::future::Future;
@@ -14,19 +23,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use poem::listener::TcpAcceptor;
-use poem::{Route, Server};
+use poem::{EndpointExt, Route, Server};
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{Html, Json, PlainText};
-use poem_openapi::{OpenApi, OpenApiService};
+use poem_openapi::{OpenApi, OpenApiService, Tags};
 
 use crate::cache::{Cache, Health};
 use crate::domain::{Kind, Reading, Reason, SensorId, Timestamp, json_array};
+use crate::live::Live;
 use crate::metrics::{Gauges, Metrics};
-use crate::store::{DeadLetterCursor, DeadLetterQuery, RangeCursor, RangeQuery, Store};
+use crate::store::{DeadLetterCursor, DeadLetterQuery, Store};
+pub use deadline::WriteDeadline;
 pub use error::ApiError;
-use types::{DeadLetterOut, HealthOut, JsonArrayStream, RawJsonArray, ReadingOut, Reply};
+use params::encode;
+use types::{DeadLetterOut, HealthOut, RawJsonArray, ReadingOut, Reply};
 
 /// Range pages hold this many readings unless `limit` says otherwise.
 pub const DEFAULT_PAGE: u32 = 1000;
@@ -44,6 +55,10 @@ pub struct ApiState {
     pub gauges: Arc<dyn Fn() -> Gauges + Send + Sync>,
     /// Range pages answered recently.
     pub ranges: Arc<memo::RangeMemo>,
+    /// Newly stored readings, for `/stream`.
+    pub live: Arc<Live>,
+    /// A sensor without a reading for this long is stale.
+    pub stale_after: Duration,
 }
 
 impl ApiState {
@@ -64,8 +79,38 @@ impl ApiState {
             metrics,
             gauges,
             ranges: Arc::new(memo::RangeMemo::new(read_cache)),
+            live: Arc::default(),
+            stale_after: Duration::from_secs(300),
         }
     }
+
+    /// The live feed the writer publishes to, and when a sensor counts as stale.
+    pub fn with_live(mut self, live: Arc<Live>, stale_after: Duration) -> Self {
+        self.live = live;
+        self.stale_after = stale_after;
+        self
+    }
+}
+
+/// Groups of endpoints in the OpenAPI document.
+#[derive(Tags)]
+enum Tag {
+    /// Sensors and their latest readings.
+    Sensors,
+    /// History: ranges, exports, aggregates.
+    History,
+    /// Grafana (Infinity data source).
+    Grafana,
+    /// Readings as they arrive.
+    Live,
+    /// The latest ten, dead letters, health and metrics.
+    Service,
+}
+
+/// A stored instant as the API types carry it.
+fn to_datetime(t: Timestamp) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t.as_millis()) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
 impl std::fmt::Debug for ApiState {
@@ -82,51 +127,29 @@ struct Pages;
 
 #[OpenApi]
 impl Pages {
-    /// The implementation page.
+    /// The live page.
     #[oai(path = "/", method = "get", hidden)]
     async fn index(&self) -> Html<&'static str> {
-        Html(include_str!("index.html"))
+        Html(include_str!("page/index.html"))
+    }
+
+    #[oai(path = "/page/app.js", method = "get", hidden)]
+    async fn script(&self) -> poem_openapi::payload::Response<PlainText<&'static str>> {
+        poem_openapi::payload::Response::new(PlainText(include_str!("page/app.js")))
+            .header("Content-Type", "text/javascript; charset=utf-8")
+    }
+
+    #[oai(path = "/page/app.css", method = "get", hidden)]
+    async fn style(&self) -> poem_openapi::payload::Response<PlainText<&'static str>> {
+        poem_openapi::payload::Response::new(PlainText(include_str!("page/app.css")))
+            .header("Content-Type", "text/css; charset=utf-8")
     }
 }
 
 type Readings = Reply<RawJsonArray<ReadingOut>>;
 
-#[OpenApi]
+#[OpenApi(tag = "Tag::Service")]
 impl Api {
-    /// Readings in a time range
-    ///
-    /// Readings with `startDate <= timestamp <= endDate`, oldest first (ties in sensor id
-    /// order), at most `limit` per page. When more follow, the `Link` header carries the URL of
-    /// the next page (`rel="next"`); follow it until it is absent. Dates are RFC 3339
-    /// (`2024-05-01T12:00:00Z`, `2024-05-01T14:00:00+02:00`) or naive ISO 8601 read as UTC
-    /// (`2024-05-01T12:00:00.123456`, `2024-05-01`).
-    #[oai(path = "/startoenddate", method = "get")]
-    async fn range(
-        &self,
-        /// Start of the range, inclusive.
-        #[oai(name = "startDate")]
-        start_date: Query<Option<String>>,
-        /// End of the range, inclusive.
-        #[oai(name = "endDate")]
-        end_date: Query<Option<String>>,
-        /// Only this sensor's readings.
-        sensor_id: Query<Option<String>>,
-        /// Only readings of this kind (the last level of their topic, e.g. temperature).
-        kind: Query<Option<String>>,
-        /// Readings per page, 1 to 10000 (default 1000).
-        limit: Query<Option<u32>>,
-        /// Where the page starts: the opaque value from the previous page's `Link` header.
-        cursor: Query<Option<String>>,
-    ) -> Readings {
-        let filter = RangeFilter {
-            sensor_id: sensor_id.0,
-            kind: kind.0,
-        };
-        self.range_page(start_date.0, end_date.0, filter, limit.0, cursor.0)
-            .await
-            .unwrap_or_else(Reply::from)
-    }
-
     /// The latest ten readings of one sensor
     ///
     /// Newest first, by the sensor's own timestamps, over all the kinds the sensor reports
@@ -142,19 +165,16 @@ impl Api {
         /// Only readings of this kind (e.g. temperature).
         kind: Query<Option<String>>,
     ) -> Readings {
-        let id = match SensorId::parse(&sensor_id.0) {
-            Ok(id) => id,
-            Err(why) => {
-                return ApiError::BadRequest(format!(
-                    "sensor_id '{}' is not valid: {why}",
-                    sensor_id.0
-                ))
-                .into();
-            }
+        // A name no reading can carry (control characters, too long) has no readings: 404.
+        let none = |of_kind: String| {
+            ApiError::NotFound(format!("no readings{of_kind} for sensor '{}'", sensor_id.0)).into()
         };
-        let kind = match kind.0.as_deref().map(parse_kind).transpose() {
+        let Ok(id) = SensorId::parse(&sensor_id.0) else {
+            return none(String::new());
+        };
+        let kind = match kind.0.as_deref().map(Kind::parse).transpose() {
             Ok(kind) => kind,
-            Err(e) => return e.into(),
+            Err(_) => return none(format!(" of kind '{}'", kind.0.unwrap_or_default())),
         };
         let found = match &kind {
             None => self.latest(Some(&id)).await,
@@ -188,27 +208,6 @@ impl Api {
         }
     }
 
-    /// Every reading
-    ///
-    /// The whole history, oldest first, streamed from a database cursor as one JSON array:
-    /// memory stays flat however large it is. For bounded pages use `/startoenddate`.
-    #[oai(path = "/allData", method = "get")]
-    async fn all_data(&self) -> Reply<JsonArrayStream<ReadingOut>> {
-        match self.state.store.stream_all().await {
-            Ok(readings) => {
-                let items = readings.map(|r| match r {
-                    Ok(r) => Ok(Bytes::from(r.to_json())),
-                    Err(e) => {
-                        tracing::warn!(error = crate::error_chain(&e), "/allData stream cut short");
-                        Err(std::io::Error::other(e))
-                    }
-                });
-                Reply::Ok(JsonArrayStream::from_elements(items), None, None)
-            }
-            Err(e) => ApiError::from(e).into(),
-        }
-    }
-
     /// Rejected messages
     ///
     /// Messages on `sensors/#` that were not readings, newest first, each with its reason and
@@ -217,14 +216,16 @@ impl Api {
     #[oai(path = "/deadletters", method = "get")]
     async fn dead_letters(
         &self,
-        /// Only this reason (e.g. invalid_json, timestamp_out_of_range).
-        reason: Query<Option<String>>,
-        /// Dead letters per page, 1 to 1000 (default 100).
+        /// Only this reason.
+        reason: Query<Option<params::ReasonParam>>,
+        /// Dead letters per page (default 100).
+        #[oai(validator(minimum(value = "1"), maximum(value = "1000")))]
         limit: Query<Option<u32>>,
-        /// Where the page starts: the opaque value from the previous page's `Link` header.
+        /// Where the page starts: the cursor in the previous page's `Link` header.
+        #[oai(validator(pattern = "^-?[0-9]{1,15}:."))]
         cursor: Query<Option<String>>,
     ) -> Reply<Json<Vec<DeadLetterOut>>> {
-        self.dead_letter_page(reason.0, limit.0, cursor.0)
+        self.dead_letter_page(reason.0.map(|r| r.0), limit.0, cursor.0)
             .await
             .unwrap_or_else(Reply::from)
     }
@@ -256,7 +257,20 @@ impl Api {
         let mut gauges = (self.state.gauges)();
         gauges.cache_healthy = self.state.health.is_up();
         gauges.cache_dirty_sensors = self.state.health.dirty_count() as u64;
-        PlainText(self.state.metrics.render(gauges))
+        let mut text = self.state.metrics.render(gauges);
+        let live = &self.state.live;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        text.push_str(&format!(
+            "# HELP sensorhub_stream_dropped_total /stream clients dropped for falling behind.\n\
+             # TYPE sensorhub_stream_dropped_total counter\n\
+             sensorhub_stream_dropped_total {}\n\
+             # HELP sensorhub_stream_clients /stream clients connected.\n\
+             # TYPE sensorhub_stream_clients gauge\n\
+             sensorhub_stream_clients {}\n",
+            load(&live.dropped),
+            load(&live.subscribers)
+        ));
+        PlainText(text)
     }
 }
 
@@ -308,125 +322,22 @@ impl Api {
         Ok((body, "mongodb"))
     }
 
-    async fn range_page(
-        &self,
-        start: Option<String>,
-        end: Option<String>,
-        filter: RangeFilter,
-        limit: Option<u32>,
-        cursor: Option<String>,
-    ) -> Result<Readings, ApiError> {
-        let start_text = required(start, "startDate")?;
-        let end_text = required(end, "endDate")?;
-        let start = parse_date(&start_text, "startDate")?;
-        let end = parse_date(&end_text, "endDate")?;
-        if end < start {
-            return Err(ApiError::BadRequest(format!(
-                "endDate ({end}) is before startDate ({start})"
-            )));
-        }
-        let sensor = filter
-            .sensor_id
-            .as_deref()
-            .map(|id| {
-                SensorId::parse(id).map_err(|why| {
-                    ApiError::BadRequest(format!("sensor_id '{id}' is not valid: {why}"))
-                })
-            })
-            .transpose()?;
-        let kind = filter.kind.as_deref().map(parse_kind).transpose()?;
-        let limit = page_limit(limit, DEFAULT_PAGE, MAX_PAGE)?;
-        let after = cursor.as_deref().map(parse_range_cursor).transpose()?;
-        // The same request gets the same page: key on what was asked, as it was written.
-        let key = format!(
-            "{start_text}\u{0}{end_text}\u{0}{}\u{0}{}\u{0}{limit}\u{0}{}",
-            sensor.as_ref().map_or("", SensorId::as_str),
-            kind.as_ref().map_or("", Kind::as_str),
-            cursor.as_deref().unwrap_or("")
-        );
-        let writes = self.state.store.writes();
-        if let Some(page) = self.state.ranges.get(&key, writes) {
-            return Ok(Reply::Ok(
-                RawJsonArray::from_bytes(page.body),
-                page.link,
-                None,
-            ));
-        }
-        let epoch = writes.epoch();
-        let mut readings = self
-            .state
-            .store
-            .range(&RangeQuery {
-                start,
-                end,
-                sensor_id: sensor.clone(),
-                kind: kind.clone(),
-                after,
-                limit: limit + 1,
-            })
-            .await?;
-        let link = (readings.len() > limit as usize).then(|| {
-            readings.truncate(limit as usize);
-            let cursor = range_cursor(&readings[readings.len() - 1]);
-            let mut url = format!(
-                "/startoenddate?startDate={}&endDate={}&limit={limit}&cursor={}",
-                encode(&start_text),
-                encode(&end_text),
-                encode(&cursor)
-            );
-            if let Some(id) = &sensor {
-                url.push_str(&format!("&sensor_id={}", encode(id.as_str())));
-            }
-            if let Some(kind) = &kind {
-                url.push_str(&format!("&kind={}", encode(kind.as_str())));
-            }
-            format!("<{url}>; rel=\"next\"")
-        });
-        let json: Vec<String> = readings.iter().map(Reading::to_json).collect();
-        let body = Bytes::from(json_array(&json));
-        let page = memo::Page {
-            body: body.clone(),
-            link: link.clone(),
-        };
-        self.state.ranges.keep(key, start, end, epoch, page, writes);
-        Ok(Reply::Ok(RawJsonArray::from_bytes(body), link, None))
-    }
-
     async fn dead_letter_page(
         &self,
-        reason: Option<String>,
+        reason: Option<Reason>,
         limit: Option<u32>,
         cursor: Option<String>,
     ) -> Result<Reply<Json<Vec<DeadLetterOut>>>, ApiError> {
-        let reason_filter = reason
-            .as_deref()
-            .map(|code| {
-                Reason::from_code(code).ok_or_else(|| {
-                    let known: Vec<&str> = Reason::ALL.iter().map(|r| r.code()).collect();
-                    ApiError::BadRequest(format!(
-                        "reason '{code}' is not one of: {}",
-                        known.join(", ")
-                    ))
-                })
+        let limit = limit.unwrap_or(100);
+        // Any text the cursor's pattern allows marks a place in the order.
+        let before = cursor.as_deref().and_then(|c| {
+            let (millis, id) = c.split_once(':')?;
+            Some(DeadLetterCursor {
+                received_at: Timestamp::from_millis(0)?.saturating_add_millis(millis.parse().ok()?),
+                id: id.to_owned(),
             })
-            .transpose()?;
-        let limit = page_limit(limit, 100, 1000)?;
-        let before = cursor
-            .as_deref()
-            .map(|c| {
-                let (millis, id) = c.split_once(':').unwrap_or_default();
-                let received_at = millis.parse().ok().and_then(Timestamp::from_millis);
-                match received_at {
-                    Some(received_at) if !id.is_empty() => Ok(DeadLetterCursor {
-                        received_at,
-                        id: id.to_owned(),
-                    }),
-                    _ => Err(ApiError::BadRequest(format!(
-                        "cursor '{c}' is not a cursor this endpoint returned"
-                    ))),
-                }
-            })
-            .transpose()?;
+        });
+        let reason_filter = reason;
         let mut letters = self
             .state
             .store
@@ -441,8 +352,8 @@ impl Api {
             let last = &letters[letters.len() - 1];
             let cursor = format!("{}:{}", last.received_at.as_millis(), last.id);
             let mut url = format!("/deadletters?limit={limit}&cursor={}", encode(&cursor));
-            if let Some(reason) = &reason {
-                url.push_str(&format!("&reason={}", encode(reason)));
+            if let Some(reason) = reason {
+                url.push_str(&format!("&reason={}", reason.code()));
             }
             format!("<{url}>; rel=\"next\"")
         });
@@ -451,112 +362,31 @@ impl Api {
     }
 }
 
-fn required(value: Option<String>, name: &str) -> Result<String, ApiError> {
-    value.filter(|v| !v.trim().is_empty()).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "{name} is required: an RFC 3339 or naive ISO 8601 time such as 2024-05-01T12:00:00Z"
-        ))
-    })
-}
-
-fn parse_date(text: &str, name: &str) -> Result<Timestamp, ApiError> {
-    Timestamp::parse(text).map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))
-}
-
-fn page_limit(limit: Option<u32>, default: u32, max: u32) -> Result<u32, ApiError> {
-    match limit {
-        None => Ok(default),
-        Some(n) if (1..=max).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::BadRequest(format!(
-            "limit {n} is out of range: use 1 to {max}"
-        ))),
-    }
-}
-
-/// The filters of a range query, as the request wrote them.
-struct RangeFilter {
-    sensor_id: Option<String>,
-    kind: Option<String>,
-}
-
-fn parse_kind(text: &str) -> Result<Kind, ApiError> {
-    Kind::parse(text)
-        .map_err(|why| ApiError::BadRequest(format!("kind '{text}' is not valid: {why}")))
-}
-
-/// `<ms>:<kind, percent-encoded>:<sensor id>`: the kind is encoded so that it holds no `:`,
-/// and the sensor id, which may, comes last.
-fn range_cursor(last: &Reading) -> String {
-    format!(
-        "{}:{}:{}",
-        last.timestamp().as_millis(),
-        encode(last.kind().as_str()),
-        last.sensor_id()
-    )
-}
-
-fn parse_range_cursor(text: &str) -> Result<RangeCursor, ApiError> {
-    let bad = || {
-        ApiError::BadRequest(format!(
-            "cursor '{text}' is not a cursor this endpoint returned"
-        ))
-    };
-    let (millis, rest) = text.split_once(':').ok_or_else(bad)?;
-    let (kind, id) = rest.split_once(':').ok_or_else(bad)?;
-    let kind = decode_percent(kind).ok_or_else(bad)?;
-    Ok(RangeCursor {
-        timestamp: millis
-            .parse()
-            .ok()
-            .and_then(Timestamp::from_millis)
-            .ok_or_else(bad)?,
-        sensor_id: SensorId::parse(id).map_err(|_| bad())?,
-        kind: Kind::parse(&kind).map_err(|_| bad())?,
-    })
-}
-
-/// The inverse of `encode`; `None` for a malformed escape or bytes that are not UTF-8.
-fn decode_percent(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn encode(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
-}
-
 /// The whole HTTP application: API, page, spec and UI.
 pub fn app(state: ApiState) -> impl poem::Endpoint {
     let service = OpenApiService::new(
-        (Api { state }, Pages),
+        (
+            sensors::Sensors {
+                state: state.clone(),
+            },
+            readings::History {
+                state: state.clone(),
+            },
+            stream::Stream {
+                state: state.clone(),
+            },
+            Api { state },
+            Pages,
+        ),
         "sensorhub",
         env!("CARGO_PKG_VERSION"),
     )
     .description(
         "MQTT sensor readings as queryable history. Devices publish \
          {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind>; sensorhub stores every \
-         reading in MongoDB and keeps the latest ten per sensor in Redis.",
+         reading in MongoDB and keeps the latest ten per sensor in Redis. Every error is \
+         {\"error\": code, \"message\": text}: 400 names the bad parameter, 404 an unknown \
+         sensor or path, 503 (with Retry-After) the dependency that is down.",
     )
     .server("/");
     let ui = service.swagger_ui();
@@ -565,6 +395,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
         .nest("/docs", ui)
         .at("/openapi.json", spec)
         .nest("/", service)
+        .catch_all_error(error::routing)
+        // A bug must still answer in the one error shape (and is logged where it panicked).
+        .with(poem::middleware::CatchPanic::new().with_handler(error::panicked))
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then lets requests in flight finish
@@ -574,9 +407,10 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
+    write_timeout: Duration,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let acceptor = TcpAcceptor::from_std(listener)?;
+    let acceptor = WriteDeadline::new(TcpAcceptor::from_std(listener)?, write_timeout);
     Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app(state), shutdown, Some(grace))
         .await
@@ -608,34 +442,5 @@ mod tests {
         assert_eq!(fields, documented, "{meta:?}");
         assert_eq!(object["timestamp"], "2024-05-01T10:00:00.500Z");
         assert_eq!(object["sensor_id"], "t\"1");
-    }
-
-    #[test]
-    fn encodes_query_values() {
-        assert_eq!(
-            encode("2024-05-01T12:00:00+02:00"),
-            "2024-05-01T12%3A00%3A00%2B02%3A00"
-        );
-        assert_eq!(encode("a b/ü"), "a%20b%2F%C3%BC");
-    }
-
-    #[test]
-    fn range_cursors_round_trip_and_reject_junk() {
-        let r = Reading::new(
-            SensorId::parse("sensor:with:colons").unwrap(),
-            Kind::parse("odd:kind ü").unwrap(),
-            1.0,
-            Timestamp::from_millis(1_714_557_600_000).unwrap(),
-        )
-        .unwrap();
-        let c = parse_range_cursor(&range_cursor(&r)).unwrap();
-        assert_eq!(c.sensor_id.as_str(), "sensor:with:colons");
-        assert_eq!(c.kind.as_str(), "odd:kind ü");
-        assert_eq!(c.timestamp.as_millis(), 1_714_557_600_000);
-        assert!(parse_range_cursor("nope").is_err());
-        assert!(parse_range_cursor("12:").is_err());
-        assert!(parse_range_cursor("12:temperature").is_err());
-        assert!(parse_range_cursor("12:%zz:s").is_err());
-        assert!(parse_range_cursor("12::s").is_err());
     }
 }

@@ -8,6 +8,7 @@ use futures_util::{Stream, StreamExt, stream};
 use poem::{Body, IntoResponse};
 use poem_openapi::payload::{Json, Payload};
 use poem_openapi::registry::{MetaSchemaRef, Registry};
+use poem_openapi::types::Example;
 use poem_openapi::types::Type;
 use poem_openapi::{ApiResponse, Object};
 
@@ -17,7 +18,7 @@ const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
 
 /// One reading, as every endpoint returns it.
 #[derive(Debug, Object)]
-#[oai(rename = "Reading")]
+#[oai(rename = "Reading", example)]
 // Documents the bytes `Reading::to_json` writes (a test holds the two equal); responses are
 // built from those bytes, not from this struct.
 #[allow(dead_code)]
@@ -70,11 +71,236 @@ impl From<DeadLetter> for DeadLetterOut {
 
 /// An error, in words.
 #[derive(Debug, Object)]
+#[oai(example)]
 pub struct ErrorBody {
-    /// bad_request, not_found or unavailable.
+    /// bad_request, not_found, method_not_allowed or unavailable.
     pub error: String,
     /// What went wrong and, where it helps, what to send instead.
     pub message: String,
+}
+
+impl Example for ErrorBody {
+    fn example() -> Self {
+        Self {
+            error: "bad_request".into(),
+            message: "query parameter 'limit' is missing or invalid: must be at most 10000".into(),
+        }
+    }
+}
+
+/// A page of readings.
+#[derive(Debug, Object)]
+#[oai(rename = "ReadingPage", example)]
+// Documents the bytes `page_json` writes; responses are built from those bytes.
+#[allow(dead_code)]
+pub struct ReadingPageOut {
+    /// The readings, in the order asked for.
+    pub readings: Vec<ReadingOut>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    pub next_cursor: Option<String>,
+    /// Whether more readings follow this page.
+    pub has_more: bool,
+}
+
+impl Example for ReadingPageOut {
+    fn example() -> Self {
+        Self {
+            readings: vec![ReadingOut::example()],
+            next_cursor: Some("1764238500000:temperature:boiler-7".into()),
+            has_more: true,
+        }
+    }
+}
+
+impl Example for ReadingOut {
+    fn example() -> Self {
+        Self {
+            sensor_id: "boiler-7".into(),
+            kind: "temperature".into(),
+            value: 21.5,
+            timestamp: time::macros::datetime!(2026-11-27 10:15:00 UTC),
+        }
+    }
+}
+
+/// The page of `readings` as JSON, from readings already serialized.
+pub fn page_json(readings: &[String], next_cursor: Option<&str>) -> Bytes {
+    let mut out = Vec::with_capacity(readings.iter().map(|r| r.len() + 1).sum::<usize>() + 96);
+    out.extend_from_slice(b"{\"readings\":");
+    out.extend_from_slice(&crate::domain::json_array(readings));
+    out.extend_from_slice(b",\"has_more\":");
+    out.extend_from_slice(if next_cursor.is_some() {
+        b"true"
+    } else {
+        b"false"
+    });
+    if let Some(cursor) = next_cursor {
+        out.extend_from_slice(b",\"next_cursor\":");
+        out.extend_from_slice(
+            serde_json::to_string(cursor)
+                .unwrap_or_else(|_| "\"\"".into())
+                .as_bytes(),
+        );
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+/// What the summary knows of one kind of a sensor.
+#[derive(Debug, Object)]
+#[oai(rename = "SensorKind")]
+pub struct KindOut {
+    /// The kind (last topic level).
+    pub kind: String,
+    /// Timestamp of its oldest reading.
+    pub first_seen: time::OffsetDateTime,
+    /// Timestamp of its newest reading.
+    pub last_seen: time::OffsetDateTime,
+    /// Its newest reading's value.
+    pub last_value: f64,
+    /// Readings of this kind stored.
+    pub count: u64,
+}
+
+/// A sensor, from the summary kept on the write path.
+#[derive(Debug, Object)]
+#[oai(rename = "Sensor", example)]
+pub struct SensorOut {
+    /// The sensor's id.
+    pub sensor_id: String,
+    /// The kinds it reported, in name order.
+    pub kinds: Vec<String>,
+    /// Timestamp of its oldest reading.
+    pub first_seen: time::OffsetDateTime,
+    /// Timestamp of its newest reading.
+    pub last_seen: time::OffsetDateTime,
+    /// Readings stored.
+    pub count: u64,
+    /// Its newest reading (of any kind).
+    pub last: ReadingOut,
+    /// No reading within the configured time (`--sensor-stale-secs`, 300 s by default).
+    pub stale: bool,
+    /// The same, kind by kind.
+    pub by_kind: Vec<KindOut>,
+}
+
+impl Example for SensorOut {
+    fn example() -> Self {
+        let at = time::macros::datetime!(2026-11-27 10:15:00 UTC);
+        Self {
+            sensor_id: "boiler-7".into(),
+            kinds: vec!["temperature".into()],
+            first_seen: time::macros::datetime!(2026-11-01 00:00:00 UTC),
+            last_seen: at,
+            count: 2_280_960,
+            last: ReadingOut::example(),
+            stale: false,
+            by_kind: vec![KindOut {
+                kind: "temperature".into(),
+                first_seen: time::macros::datetime!(2026-11-01 00:00:00 UTC),
+                last_seen: at,
+                last_value: 21.5,
+                count: 2_280_960,
+            }],
+        }
+    }
+}
+
+/// A page of sensors, in id order.
+#[derive(Debug, Object)]
+#[oai(rename = "SensorPage")]
+pub struct SensorPageOut {
+    pub sensors: Vec<SensorOut>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[oai(skip_serializing_if_is_none)]
+    pub next_cursor: Option<String>,
+    /// Whether more sensors follow.
+    pub has_more: bool,
+}
+
+/// One bucket of an aggregate; only the statistics asked for (`fn`) are present.
+#[derive(Debug, Object)]
+#[oai(rename = "Bucket", example)]
+pub struct BucketOut {
+    /// Where the bucket starts (RFC 3339, UTC): a wall-clock boundary in the requested zone.
+    pub start: time::OffsetDateTime,
+    /// Where the next bucket starts.
+    pub end: time::OffsetDateTime,
+    /// The kind of the readings in it.
+    pub kind: String,
+    #[oai(skip_serializing_if_is_none)]
+    pub count: Option<u64>,
+    #[oai(skip_serializing_if_is_none)]
+    pub min: Option<f64>,
+    #[oai(skip_serializing_if_is_none)]
+    pub max: Option<f64>,
+    #[oai(skip_serializing_if_is_none)]
+    pub avg: Option<f64>,
+    /// The value of the bucket's oldest reading.
+    #[oai(skip_serializing_if_is_none)]
+    pub first: Option<f64>,
+    /// The value of the bucket's newest reading.
+    #[oai(skip_serializing_if_is_none)]
+    pub last: Option<f64>,
+}
+
+impl Example for BucketOut {
+    fn example() -> Self {
+        Self {
+            start: time::macros::datetime!(2026-11-26 23:00:00 UTC),
+            end: time::macros::datetime!(2026-11-27 23:00:00 UTC),
+            kind: "temperature".into(),
+            count: Some(86_400),
+            min: Some(18.25),
+            max: Some(23.5),
+            avg: Some(21.02),
+            first: Some(18.5),
+            last: Some(19.0),
+        }
+    }
+}
+
+/// Readings of one sensor in calendar buckets.
+#[derive(Debug, Object)]
+#[oai(rename = "Aggregate")]
+pub struct AggregateOut {
+    pub sensor_id: String,
+    /// 1m, 5m, 15m, 1h or 1d.
+    pub interval: String,
+    /// The IANA zone the buckets are aligned to.
+    pub tz: String,
+    /// Oldest first (then by kind).
+    pub buckets: Vec<BucketOut>,
+}
+
+/// One point of a chart series: the readings of one sensor and kind within one bucket.
+#[derive(Debug, Object)]
+#[oai(rename = "SeriesPoint", example)]
+pub struct SeriesRow {
+    /// Start of the bucket (RFC 3339, UTC).
+    pub time: time::OffsetDateTime,
+    pub sensor_id: String,
+    pub kind: String,
+    /// Average of the bucket's readings.
+    pub value: f64,
+    pub min: f64,
+    pub max: f64,
+    /// Readings in the bucket.
+    pub count: u64,
+}
+
+impl Example for SeriesRow {
+    fn example() -> Self {
+        Self {
+            time: time::macros::datetime!(2026-11-27 10:00:00 UTC),
+            sensor_id: "boiler-7".into(),
+            kind: "temperature".into(),
+            value: 21.4,
+            min: 21.1,
+            max: 21.9,
+            count: 600,
+        }
+    }
 }
 
 /// The service's view of its dependencies.
@@ -212,7 +438,188 @@ pub enum Reply<T: Payload + IntoResponse + Send> {
     /// Nothing is known under that name.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),
-    /// MongoDB is unreachable; retry later. Ingest continues meanwhile.
+    /// MongoDB is unreachable; retry after the seconds `Retry-After` says. Ingest continues
+    /// meanwhile.
     #[oai(status = 503)]
-    Unavailable(Json<ErrorBody>),
+    Unavailable(
+        Json<ErrorBody>,
+        /// Seconds to wait before trying again.
+        #[oai(header = "Retry-After")]
+        u32,
+    ),
+}
+
+/// A JSON document already serialized, documented as `T`.
+#[derive(Debug)]
+pub struct RawJson<T> {
+    bytes: Bytes,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> RawJson<T> {
+    pub fn from_bytes(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T: Type> Payload for RawJson<T> {
+    const CONTENT_TYPE: &'static str = JSON_CONTENT_TYPE;
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T> IntoResponse for RawJson<T> {
+    fn into_response(self) -> poem::Response {
+        poem::Response::builder()
+            .content_type(JSON_CONTENT_TYPE)
+            .body(self.bytes)
+    }
+}
+
+/// Server-Sent Events, each `data` a `Reading`, with comment heartbeats.
+pub struct EventStreamOf<T> {
+    events: futures_util::stream::BoxStream<'static, poem::web::sse::Event>,
+    heartbeat: std::time::Duration,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for EventStreamOf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventStreamOf")
+    }
+}
+
+impl<T> EventStreamOf<T> {
+    pub fn new(
+        events: impl Stream<Item = poem::web::sse::Event> + Send + 'static,
+        heartbeat: std::time::Duration,
+    ) -> Self {
+        Self {
+            events: events.boxed(),
+            heartbeat,
+            _t: PhantomData,
+        }
+    }
+}
+
+impl<T: Type> Payload for EventStreamOf<T> {
+    const CONTENT_TYPE: &'static str = "text/event-stream";
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: Send> IntoResponse for EventStreamOf<T> {
+    fn into_response(self) -> poem::Response {
+        let mut response = poem::web::sse::SSE::new(self.events)
+            .keep_alive(self.heartbeat)
+            .into_response();
+        // Proxies such as nginx buffer responses unless told not to.
+        response.headers_mut().insert(
+            "X-Accel-Buffering",
+            poem::http::HeaderValue::from_static("no"),
+        );
+        response
+    }
+}
+
+/// A streamed export: CSV or newline-delimited JSON, with a file name.
+pub enum Export {
+    Ok {
+        body: Body,
+        content_type: &'static str,
+        file_name: String,
+    },
+    Error(Reply<PlainTextBody>),
+}
+
+impl std::fmt::Debug for Export {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Export")
+    }
+}
+
+/// Stands in for the success payload of `Reply` inside `Export`, which never uses it.
+pub type PlainTextBody = poem_openapi::payload::PlainText<String>;
+
+pub const CSV_CONTENT_TYPE: &str = "text/csv; charset=utf-8";
+pub const NDJSON_CONTENT_TYPE: &str = "application/x-ndjson";
+
+impl IntoResponse for Export {
+    fn into_response(self) -> poem::Response {
+        match self {
+            Export::Ok {
+                body,
+                content_type,
+                file_name,
+            } => poem::Response::builder()
+                .content_type(content_type)
+                .header(
+                    "Content-Disposition",
+                    format!("attachment; filename=\"{file_name}\""),
+                )
+                .body(body),
+            Export::Error(reply) => reply.into_response(),
+        }
+    }
+}
+
+impl poem_openapi::ApiResponse for Export {
+    const BAD_REQUEST_HANDLER: bool = true;
+
+    fn meta() -> poem_openapi::registry::MetaResponses {
+        use poem_openapi::registry::{MetaHeader, MetaMediaType, MetaResponse, MetaSchema};
+        let mut errors = <Reply<PlainTextBody> as poem_openapi::ApiResponse>::meta();
+        errors.responses.retain(|r| r.status != Some(200));
+        let ok = MetaResponse {
+            description: "The readings, streamed: CSV with a header line \
+                          (sensor_id,kind,value,timestamp), or one JSON reading per line.",
+            status: Some(200),
+            status_range: None,
+            content: vec![
+                MetaMediaType {
+                    content_type: CSV_CONTENT_TYPE,
+                    schema: MetaSchemaRef::Inline(Box::new(MetaSchema::new("string"))),
+                },
+                MetaMediaType {
+                    content_type: NDJSON_CONTENT_TYPE,
+                    schema: <ReadingOut as Type>::schema_ref(),
+                },
+            ],
+            headers: vec![MetaHeader {
+                name: "Content-Disposition".into(),
+                description: Some(
+                    "`attachment; filename=\"readings-<start>-<end>.<csv|ndjson>\"`".into(),
+                ),
+                required: true,
+                deprecated: false,
+                schema: <String as Type>::schema_ref(),
+            }],
+        };
+        errors.responses.insert(0, ok);
+        errors
+    }
+
+    fn register(registry: &mut Registry) {
+        <Reply<PlainTextBody> as poem_openapi::ApiResponse>::register(registry);
+        <ReadingOut as Type>::register(registry);
+    }
+
+    fn from_parse_request_error(err: poem::Error) -> Self {
+        Export::Error(super::error::bad_request(err))
+    }
 }

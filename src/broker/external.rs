@@ -1,6 +1,8 @@
 //! External broker mode: instead of the embedded broker, sensorhub subscribes to an existing
 //! MQTT broker or cluster (Mosquitto, EMQX, HiveMQ, VerneMQ) through a shared subscription
-//! `$share/<group>/sensors/#`, so several instances split one stream.
+//! `$share/<group>/sensors/#`, so several instances split one stream. `mqtts://` connects over
+//! TLS (rustls on ring), checking the broker against a CA file or the system's roots, with an
+//! optional client certificate.
 //!
 //! The guarantee is the embedded broker's, moved to the subscriber side: QoS 1 with manual
 //! acknowledgements, and a message is acknowledged to the broker only once it is in the local
@@ -17,8 +19,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Publish, QoS};
+use std::path::{Path, PathBuf};
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Publish, QoS, TlsConfiguration, Transport,
+};
 use tokio::sync::mpsc;
+use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
 use super::capture::CaptureSink;
@@ -28,7 +35,7 @@ use crate::metrics::Metrics;
 /// Where and how to subscribe.
 #[derive(Clone, Debug)]
 pub struct ExternalConfig {
-    /// `mqtt://[user[:password]@]host[:port]`.
+    /// `mqtt://` or `mqtts://`, `[user[:password]@]host[:port]`.
     pub url: String,
     /// The shared subscription's group: instances with the same group split the stream.
     pub share_group: String,
@@ -36,14 +43,28 @@ pub struct ExternalConfig {
     pub client_id: String,
     /// Payloads over this are kept only in part (they become dead letters).
     pub max_payload_bytes: usize,
+    /// For `mqtts://`: the CA that signed the broker's certificate (else the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// For `mqtts://` with client certificates: this instance's certificate chain and key (PEM).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExternalError {
-    #[error("--external-broker '{0}' is not mqtt://[user[:password]@]host[:port]")]
+    #[error("--external-broker '{0}' is not mqtt[s]://[user[:password]@]host[:port]")]
     Url(String),
     #[error("the share group '{0}' must be one topic level without wildcards")]
     Group(String),
+    #[error("cannot read {path}: {source}")]
+    Pem {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the external broker's TLS settings are not usable")]
+    Tls(#[source] rustls::Error),
+    #[error("mqtts:// without a CA file needs the system's root certificates, and none loaded")]
+    NoRoots,
 }
 
 /// The broker's address and credentials, parsed from the URL.
@@ -52,14 +73,16 @@ struct Target {
     host: String,
     port: u16,
     credentials: Option<(String, String)>,
+    tls: bool,
 }
 
 fn parse_url(url: &str) -> Result<Target, ExternalError> {
     let bad = || ExternalError::Url(redacted(url));
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(bad)?;
+    let (tls, rest) = match url.split_once("://") {
+        Some(("mqtt" | "tcp", rest)) => (false, rest),
+        Some(("mqtts" | "ssl", rest)) => (true, rest),
+        _ => return Err(bad()),
+    };
     let rest = rest.trim_end_matches('/');
     let (credentials, hostport) = match rest.rsplit_once('@') {
         Some((userinfo, hostport)) => {
@@ -81,7 +104,7 @@ fn parse_url(url: &str) -> Result<Target, ExternalError> {
         Some((host, port)) if !host.ends_with(']') || hostport.starts_with('[') => {
             (host, port.parse().map_err(|_| bad())?)
         }
-        _ => (hostport, 1883),
+        _ => (hostport, if tls { 8883 } else { 1883 }),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() || host.contains(['/', '?', '#']) {
@@ -91,7 +114,57 @@ fn parse_url(url: &str) -> Result<Target, ExternalError> {
         host: host.to_owned(),
         port,
         credentials,
+        tls,
     })
+}
+
+/// The rustls configuration for `mqtts://`: the broker's certificate checked against the CA
+/// file (or the system's roots), and this instance's certificate when one is configured.
+fn tls_config(config: &ExternalConfig) -> Result<rustls::ClientConfig, ExternalError> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    fn pem(path: &Path) -> impl Fn(rustls::pki_types::pem::Error) -> ExternalError + '_ {
+        move |source| ExternalError::Pem {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_file {
+        Some(path) => {
+            for cert in CertificateDer::pem_file_iter(path).map_err(pem(path))? {
+                roots
+                    .add(cert.map_err(pem(path))?)
+                    .map_err(ExternalError::Tls)?;
+            }
+        }
+        None => {
+            let (added, _) =
+                roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if added == 0 {
+                return Err(ExternalError::NoRoots);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(ExternalError::Tls)?
+    .with_root_certificates(roots);
+    match &config.client_cert {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .map_err(pem(cert))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(pem(cert))?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(pem(key))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(ExternalError::Tls)
+        }
+    }
 }
 
 /// Percent-decoding of URL user info (`p%40ss` is `p@ss`).
@@ -115,6 +188,15 @@ fn decode(text: &str) -> Option<String> {
 /// The broker's host and port, for the simulator of `serve --simulate`.
 pub fn target_addr(url: &str) -> Result<(String, u16), ExternalError> {
     parse_url(url).map(|t| (t.host, t.port))
+}
+
+/// Checks that the TLS files of `config` load, so a mistake ends the start, not the first
+/// connection.
+pub fn check_tls(config: &ExternalConfig) -> Result<(), ExternalError> {
+    if parse_url(&config.url)?.tls {
+        tls_config(config)?;
+    }
+    Ok(())
 }
 
 /// The URL without its password, for messages.
@@ -172,6 +254,11 @@ pub async fn run(
         .set_max_packet_size(2 << 20, 64 << 10);
     if let Some((user, password)) = &target.credentials {
         options.set_credentials(user, password);
+    }
+    if target.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls_config(&config)?),
+        )));
     }
     let (client, eventloop) = AsyncClient::new(options, 1024);
     // Unbounded, yet bounded by the broker: it sends no more than its in-flight window of
@@ -329,7 +416,9 @@ mod tests {
         assert_eq!(t.port, 1883);
         assert_eq!(t.credentials, Some(("hub".into(), "p@ss".into())));
         let t = parse_url("tcp://[::1]:1884/").unwrap();
-        assert_eq!((t.host.as_str(), t.port), ("::1", 1884));
+        assert_eq!((t.host.as_str(), t.port, t.tls), ("::1", 1884, false));
+        let t = parse_url("mqtts://broker").unwrap();
+        assert_eq!((t.port, t.tls), (8883, true));
         for bad in [
             "broker:1883",
             "http://x",

@@ -8,6 +8,7 @@
 //! tasks are aborted. This module knows nothing of MongoDB, Redis or HTTP.
 
 pub mod capture;
+mod conformance;
 pub mod external;
 mod front;
 mod tap;
@@ -21,8 +22,6 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Format, Toml};
 use rumqttd::local::LinkBuilder;
-use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::v5::V5;
 use rumqttd::{LinkType, Router, Server, ServerSettings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -281,12 +280,24 @@ impl EmbeddedBroker {
             let listener_name = name.clone();
             let serve = runtime.spawn(async move {
                 if admission.version == Version::V5 {
-                    let codec = Capture::new(V5, sink, metrics, max_payload_bytes, admission);
+                    let codec = Capture::new(
+                        conformance::v5(),
+                        sink,
+                        metrics,
+                        max_payload_bytes,
+                        admission,
+                    );
                     Server::new(settings, router_tx, codec)
                         .start(LinkType::Remote)
                         .await
                 } else {
-                    let codec = Capture::new(V4, sink, metrics, max_payload_bytes, admission);
+                    let codec = Capture::new(
+                        conformance::v311(),
+                        sink,
+                        metrics,
+                        max_payload_bytes,
+                        admission,
+                    );
                     Server::new(settings, router_tx, codec)
                         .start(LinkType::Remote)
                         .await

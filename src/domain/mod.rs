@@ -3,12 +3,14 @@
 //! Pure code. It imports nothing of ours and does no I/O, so every other module can depend on
 //! it and everything in it is tested without services.
 
+mod buckets;
 mod dead_letter;
 mod dead_letter_budget;
 mod decode;
 mod reading;
 mod timestamp;
 
+pub use buckets::{Interval, bucket_end, bucket_start, bucket_starts};
 pub use dead_letter::DeadLetter;
 pub use dead_letter_budget::DeadLetterBudget;
 pub use decode::{

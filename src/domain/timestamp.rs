@@ -23,6 +23,11 @@ const MIN_MILLIS: i64 = -62_167_219_200_000; // 0000-01-01T00:00:00Z
 const MAX_MILLIS: i64 = 253_402_300_799_999; // 9999-12-31T23:59:59.999Z
 
 impl Timestamp {
+    /// The earliest instant there is: 0000-01-01T00:00:00Z.
+    pub const MIN: Timestamp = Timestamp(MIN_MILLIS);
+    /// The latest instant there is: 9999-12-31T23:59:59.999Z.
+    pub const MAX: Timestamp = Timestamp(MAX_MILLIS);
+
     /// The instant `millis` after the epoch, if it can be printed as RFC 3339.
     pub fn from_millis(millis: i64) -> Option<Self> {
         (MIN_MILLIS..=MAX_MILLIS)

@@ -58,6 +58,8 @@ pub struct Writer {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub cache_tx: mpsc::Sender<Vec<Reading>>,
+    /// Newly stored readings go out here, to `/stream` subscribers; never waits.
+    pub live: Arc<crate::live::Live>,
 }
 
 /// A queue to the cache updater; the writer never waits on it.
@@ -203,6 +205,10 @@ impl Writer {
                 "more dead letters in this batch; see GET /deadletters"
             );
         }
+        self.live.publish(
+            (batch.readings.iter().enumerate())
+                .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r)),
+        );
         if batch.replayed {
             self.health.mark_dirty(&batch.readings);
         } else {
@@ -257,6 +263,14 @@ async fn store_batch(
 ) -> Option<Stored> {
     let inserted = until_done(
         || store.insert_readings(&batch.readings),
+        &metrics,
+        &journal,
+        &abort,
+    )
+    .await?;
+    // The sensor summary (`/sensors`, `/latest`): one update command per batch.
+    until_done(
+        || store.record_summaries(&batch.readings, &inserted.duplicates),
         &metrics,
         &journal,
         &abort,

@@ -6,7 +6,9 @@
 //! leave this module. It must not decide anything about readings (that is `domain`) nor retry
 //! (that is the caller's policy).
 
+mod history;
 mod retention;
+mod summaries;
 mod writes;
 
 use std::sync::Arc;
@@ -20,7 +22,12 @@ use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{DeadLetter, Kind, Reading, Reason, SensorId, Timestamp};
+pub use history::{
+    AggregateQuery, Bucket, Order, RangeCursor, RangeQuery, ReadingFilter, SeriesPoint,
+    SeriesQuery, Stat, Stats,
+};
 pub use retention::TtlChange;
+pub use summaries::{KindSummary, SensorSummary, SummaryQuery};
 pub use writes::WriteLog;
 
 /// Where the history lives.
@@ -70,6 +77,8 @@ pub enum StoreError {
     TimedOut(Duration),
     #[error("MongoDB refused the operation")]
     Failed(#[source] MongoError),
+    #[error("MongoDB refused {0} sensor summary updates")]
+    SummaryRejected(usize),
 }
 
 impl StoreError {
@@ -152,25 +161,6 @@ struct DeadLetterDoc {
     message: String,
 }
 
-/// Where a page of a range query starts: after this reading in (timestamp, sensor id, kind)
-/// order, which is total because (sensor id, kind, millisecond) is a reading's identity.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RangeCursor {
-    pub timestamp: Timestamp,
-    pub sensor_id: SensorId,
-    pub kind: Kind,
-}
-
-#[derive(Clone, Debug)]
-pub struct RangeQuery {
-    pub start: Timestamp,
-    pub end: Timestamp,
-    pub sensor_id: Option<SensorId>,
-    pub kind: Option<Kind>,
-    pub after: Option<RangeCursor>,
-    pub limit: u32,
-}
-
 /// Where a page of dead letters starts: after this one in newest-first order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeadLetterCursor {
@@ -197,6 +187,8 @@ pub struct Store {
     client: Client,
     readings: Collection<ReadingDoc>,
     dead_letters: Collection<DeadLetterDoc>,
+    /// One document per sensor (`summaries.rs`), named after the readings collection.
+    summaries: Collection<summaries::SummaryDoc>,
     config: StoreConfig,
     /// The time ranges this process wrote readings into, for readers that cache.
     writes: Arc<WriteLog>,
@@ -250,6 +242,7 @@ impl Store {
         let store = Self {
             readings: db.collection(&config.collection),
             dead_letters: db.collection(&config.dead_letter_collection),
+            summaries: db.collection(&format!("{}.sensors", config.collection)),
             client,
             config,
             writes: Arc::default(),
@@ -360,51 +353,6 @@ impl Store {
             Err(e) if only_duplicates(&e).is_some() => Ok(()),
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// Readings with `start <= timestamp <= end`, ascending by (timestamp, sensor id, kind).
-    pub async fn range(&self, query: &RangeQuery) -> Result<Vec<Reading>, StoreError> {
-        let start = DateTime::from_millis(query.start.as_millis());
-        let end = DateTime::from_millis(query.end.as_millis());
-        let mut filter = doc! {"timestamp": {"$gte": start, "$lte": end}};
-        if let Some(kind) = &query.kind {
-            filter.insert("kind", kind.as_str());
-        }
-        let sort = match &query.sensor_id {
-            Some(id) => {
-                filter.insert("sensor_id", id.as_str());
-                // One reading per sensor, kind and millisecond: time, then kind, orders them.
-                if let Some(after) = &query.after {
-                    let at = DateTime::from_millis(after.timestamp.as_millis());
-                    filter = doc! {"$and": [filter, {"$or": [
-                        {"timestamp": {"$gt": at}},
-                        {"timestamp": at, "kind": {"$gt": after.kind.as_str()}},
-                    ]}]};
-                }
-                doc! {"timestamp": 1, "kind": 1}
-            }
-            None => {
-                if let Some(after) = &query.after {
-                    let at = DateTime::from_millis(after.timestamp.as_millis());
-                    let id = after.sensor_id.as_str();
-                    filter = doc! {"$and": [filter, {"$or": [
-                        {"timestamp": {"$gt": at}},
-                        {"timestamp": at, "sensor_id": {"$gt": id}},
-                        {"timestamp": at, "sensor_id": id, "kind": {"$gt": after.kind.as_str()}},
-                    ]}]};
-                }
-                doc! {"timestamp": 1, "sensor_id": 1, "kind": 1}
-            }
-        };
-        // One round trip: the first batch holds the whole page (the default is 101 documents).
-        let cursor = self
-            .readings
-            .find(filter)
-            .sort(sort)
-            .limit(i64::from(query.limit))
-            .batch_size(query.limit)
-            .await?;
-        collect_readings(cursor).await
     }
 
     /// The `n` newest readings of one sensor, or of all sensors, newest first.

@@ -6,7 +6,11 @@
 use std::time::Duration;
 
 use crate::faults::{Shared, assert_exactly_stored, join, plan, spawn_feeds, wait_acked};
-use crate::helpers::{AppOptions, TestApp, start_mosquitto, unique};
+use crate::helpers::{
+    AppOptions, Publisher, TestApp, free_port, reading_json, start_mosquitto, start_mosquitto_with,
+    ts, unique,
+};
+use crate::tls::Ca;
 
 const READINGS: usize = 20_000;
 
@@ -112,4 +116,78 @@ async fn a_broker_restart_mid_stream_loses_nothing_it_acknowledged() {
         tally.disconnects
     );
     assert!(tally.disconnects >= 4, "the restart cut the publishers off");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtts_with_a_ca_and_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test broker CA");
+    let ca_file = ca.write(&dir.path().join("ca.pem"));
+    let (server_cert, server_key) = ca.issue(dir.path(), "broker", "localhost", true);
+    let (client_cert, client_key) = ca.issue(dir.path(), "hub", "sensorhub-hub", false);
+    let tls_port = free_port();
+    let mosquitto = start_mosquitto_with(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+         require_certificate true\n",
+        ca_file.display(),
+        server_cert.display(),
+        server_key.display()
+    ));
+    for file in [&server_key, &client_key] {
+        // Mosquitto drops to its own user before it reads the key.
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+    }
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mut args = vec![
+        "--external-broker".to_owned(),
+        format!("mqtts://localhost:{tls_port}"),
+        "--share-group".into(),
+        unique("g"),
+        "--external-client-id".into(),
+        unique("hub-tls"),
+        "--external-ca".into(),
+        ca_file.display().to_string(),
+    ];
+    // Without the client certificate the broker refuses the handshake: nothing connects.
+    let refused = TestApp::spawn_with(AppOptions {
+        args: args.clone(),
+        ..AppOptions::default()
+    })
+    .await;
+    args.extend([
+        "--external-cert".into(),
+        client_cert.display().to_string(),
+        "--external-key".into(),
+        client_key.display().to_string(),
+    ]);
+    let app = TestApp::spawn_with(AppOptions {
+        args,
+        ..AppOptions::default()
+    })
+    .await;
+    wait_subscribed(&app).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let publisher = Publisher::connect(mosquitto.port, "tls-dev").await;
+    for n in 0..50 {
+        publisher
+            .publish(
+                n,
+                "sensors/temperature",
+                reading_json("tls-1", n as f64, &ts(n as i64)),
+            )
+            .await;
+    }
+    publisher.wait_acked(50).await;
+    app.wait_for_count(50).await;
+    assert!(
+        !refused
+            .logs()
+            .contains("connected to the external MQTT broker"),
+        "a client without a certificate got in"
+    );
 }

@@ -230,6 +230,11 @@ pub fn wait_cluster_ok(port: u16) {
 /// A Mosquitto broker with persistence on and no limit on queued messages (the default 1,000
 /// per client drops QoS 1 messages the broker already acknowledged to their publisher).
 pub fn start_mosquitto() -> Server {
+    start_mosquitto_with("")
+}
+
+/// Like `start_mosquitto`, with more configuration lines (another listener, say).
+pub fn start_mosquitto_with(extra: &str) -> Server {
     let port = free_port();
     let dir = scratch_dir("mosquitto");
     // Mosquitto started as root drops to its own user, which must be able to save here.
@@ -242,7 +247,7 @@ pub fn start_mosquitto() -> Server {
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
              persistence_location {}/\nautosave_interval 1\nmax_queued_messages 0\n\
-             max_inflight_messages 100\n",
+             max_inflight_messages 100\n{extra}",
             dir.display()
         ),
     )

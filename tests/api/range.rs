@@ -114,10 +114,6 @@ async fn bad_ranges_are_400s_that_name_the_parameter() {
         ("/startoenddate?endDate=2026-01-01T00:00:00Z", "startDate"),
         ("/startoenddate?startDate=2026-01-01T00:00:00Z", "endDate"),
         (
-            "/startoenddate?startDate=2026-01-02T00:00:00Z&endDate=2026-01-01T00:00:00Z",
-            "before startDate",
-        ),
-        (
             "/startoenddate?startDate=2026-01-01&endDate=2026-01-02&limit=0",
             "limit",
         ),
@@ -129,10 +125,6 @@ async fn bad_ranges_are_400s_that_name_the_parameter() {
             "/startoenddate?startDate=2026-01-01&endDate=2026-01-02&cursor=zzz",
             "cursor",
         ),
-        (
-            "/startoenddate?startDate=2026-01-01&endDate=2026-01-02&sensor_id=%07",
-            "sensor_id",
-        ),
     ];
     for (path, names) in cases {
         let (status, body) = app.get_json(path).await;
@@ -143,6 +135,15 @@ async fn bad_ranges_are_400s_that_name_the_parameter() {
             message.contains(names),
             "{path}: '{message}' does not name {names}"
         );
+    }
+    // What the OpenAPI document allows is answered, not refused: an end before the start and a
+    // sensor id no device can have are ranges without readings.
+    for path in [
+        "/startoenddate?startDate=2026-01-02T00:00:00Z&endDate=2026-01-01T00:00:00Z",
+        "/startoenddate?startDate=2026-01-01&endDate=2026-01-02&sensor_id=%07",
+    ] {
+        let (status, body) = app.get_json(path).await;
+        assert_eq!((status, body), (200, serde_json::json!([])), "{path}");
     }
 }
 

@@ -11,13 +11,13 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose
 use crate::helpers::{AppOptions, TestApp, free_port, reading_json, ts};
 use crate::security::credentials;
 
-struct Ca {
+pub(crate) struct Ca {
     cert: rcgen::Certificate,
     key: KeyPair,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -27,7 +27,13 @@ impl Ca {
     }
 
     /// Writes a certificate it signed and its key as `<stem>.pem` and `<stem>.key`.
-    fn issue(&self, dir: &Path, stem: &str, common_name: &str, server: bool) -> (PathBuf, PathBuf) {
+    pub(crate) fn issue(
+        &self,
+        dir: &Path,
+        stem: &str,
+        common_name: &str,
+        server: bool,
+    ) -> (PathBuf, PathBuf) {
         let names = if server {
             vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
         } else {
@@ -53,7 +59,7 @@ impl Ca {
         (cert_path, key_path)
     }
 
-    fn write(&self, path: &Path) -> PathBuf {
+    pub(crate) fn write(&self, path: &Path) -> PathBuf {
         std::fs::write(path, self.cert.pem()).unwrap();
         path.to_owned()
     }

@@ -1,0 +1,170 @@
+// The live page: sensors from /sensors, a small chart each from /readings, then /stream.
+// Plain JavaScript, no build step and nothing fetched from anywhere but this server.
+"use strict";
+
+const MAX_CARDS = 60;      // cards drawn at most (the rest are counted)
+const MAX_POINTS = 60;     // points per chart
+const HISTORY_FOR = 24;    // cards whose history is fetched at load
+const cards = new Map();   // "sensor\u0000kind" -> card state
+// Cards go stale after this without a reading (the server's default; its own judgement, from
+// /sensors, is shown at load).
+const staleMs = 300000;
+
+const $ = (id) => document.getElementById(id);
+
+function key(sensor, kind) { return sensor + "\u0000" + kind; }
+
+function ago(ts) {
+  const s = Math.max(0, Math.round((Date.now() - Date.parse(ts)) / 1000));
+  if (s < 90) return s + " s ago";
+  if (s < 5400) return Math.round(s / 60) + " min ago";
+  if (s < 129600) return Math.round(s / 3600) + " h ago";
+  return Math.round(s / 86400) + " days ago";
+}
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function card(sensor, kind) {
+  const k = key(sensor, kind);
+  if (cards.has(k)) return cards.get(k);
+  if (cards.size >= MAX_CARDS) return null;
+  const root = el("article", "card");
+  root.dataset.sensor = sensor;
+  root.dataset.kind = kind;
+  const h = el("h2");
+  h.append(el("span", "id", sensor), el("span", "kind", kind));
+  const value = el("p", "value", "–");
+  const meta = el("div", "when");
+  const when = el("span", "", "");
+  const badge = el("span", "badge fresh", "live");
+  meta.append(when, " ", badge);
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("viewBox", "0 0 100 40");
+  svg.setAttribute("preserveAspectRatio", "none");
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  svg.append(line);
+  root.append(h, value, meta, svg);
+  $("sensors").append(root);
+  const state = { root, value, when, badge, line, points: [], last: null };
+  cards.set(k, state);
+  return state;
+}
+
+function draw(state) {
+  const pts = state.points;
+  if (pts.length === 0) return;
+  const t0 = pts[0].t, t1 = pts[pts.length - 1].t;
+  let lo = Infinity, hi = -Infinity;
+  for (const p of pts) { lo = Math.min(lo, p.v); hi = Math.max(hi, p.v); }
+  const dt = Math.max(1, t1 - t0), dv = hi - lo || 1;
+  state.line.setAttribute("points", pts.map((p) =>
+    (((p.t - t0) / dt) * 100).toFixed(2) + "," + (38 - ((p.v - lo) / dv) * 36).toFixed(2)).join(" "));
+}
+
+function show(state, reading, flash) {
+  const t = Date.parse(reading.timestamp);
+  if (state.last === null || t >= state.last) {
+    state.last = t;
+    state.value.textContent = String(reading.value);
+    state.when.textContent = ago(reading.timestamp);
+    state.when.dataset.ts = reading.timestamp;
+  }
+  state.points.push({ t, v: reading.value });
+  state.points.sort((a, b) => a.t - b.t);
+  if (state.points.length > MAX_POINTS) state.points.splice(0, state.points.length - MAX_POINTS);
+  draw(state);
+  if (flash) {
+    state.root.classList.remove("flash");
+    void state.root.offsetWidth;
+    state.root.classList.add("flash");
+  }
+}
+
+function staleness() {
+  for (const state of cards.values()) {
+    const stale = state.last === null || Date.now() - state.last > staleMs;
+    state.root.classList.toggle("stale", stale);
+    state.badge.className = "badge " + (stale ? "stale" : "fresh");
+    state.badge.textContent = stale ? "stale" : "live";
+    if (state.when.dataset.ts) state.when.textContent = ago(state.when.dataset.ts);
+  }
+}
+
+async function json(path) {
+  const r = await fetch(path, { headers: { accept: "application/json" } });
+  if (!r.ok) throw new Error(path + ": " + r.status);
+  return r.json();
+}
+
+async function loadSensors() {
+  const page = await json("/sensors?limit=" + MAX_CARDS);
+  const sensors = page.sensors;
+  let staleCount = 0;
+  for (const s of sensors) {
+    if (s.stale) staleCount++;
+    for (const k of s.by_kind) {
+      const state = card(s.sensor_id, k.kind);
+      if (state) show(state, { value: k.last_value, timestamp: k.last_seen }, false);
+    }
+  }
+  const more = page.has_more ? " (first " + sensors.length + " shown)" : "";
+  $("summary").textContent = sensors.length + " sensors" + more + ", " + staleCount + " stale";
+  $("empty").hidden = sensors.length > 0;
+  for (const s of sensors) {
+    for (const k of s.by_kind) {
+      const state = cards.get(key(s.sensor_id, k.kind));
+      if (state && s.stale) state.last = Math.min(state.last, Date.now() - staleMs - 1);
+    }
+  }
+  staleness();
+  let n = 0;
+  for (const state of cards.values()) {
+    if (n++ >= HISTORY_FOR) break;
+    const q = "/readings?order=desc&limit=" + MAX_POINTS + "&sensor_id=" +
+      encodeURIComponent(state.root.dataset.sensor) + "&kind=" + encodeURIComponent(state.root.dataset.kind);
+    json(q).then((p) => { for (const r of p.readings) show(state, r, false); }).catch(() => {});
+  }
+}
+
+function stream() {
+  const source = new EventSource("/stream");
+  source.onopen = () => { $("live").textContent = "live"; $("live").className = "pill up"; };
+  source.onerror = () => { $("live").textContent = "reconnecting"; $("live").className = "pill down"; };
+  source.onmessage = (e) => {
+    const r = JSON.parse(e.data);
+    const state = card(r.sensor_id, r.kind);
+    if (!state) return;
+    $("empty").hidden = true;
+    show(state, r, true);
+    staleness();
+  };
+}
+
+async function status() {
+  try {
+    const h = await json("/health");
+    for (const dep of ["mongodb", "redis"]) {
+      $(dep).textContent = (dep === "mongodb" ? "MongoDB " : "Redis ") + h[dep];
+      $(dep).className = "pill " + h[dep];
+    }
+  } catch (_) { /* the next round tries again */ }
+  try {
+    const text = await (await fetch("/metrics")).text();
+    let dead = 0;
+    for (const line of text.split("\n")) {
+      if (line.startsWith("sensorhub_dead_letters_total")) dead += Number(line.split(" ").pop()) || 0;
+    }
+    $("deadletters").textContent = dead + " dead letters";
+  } catch (_) { /* idem */ }
+}
+
+loadSensors().catch((e) => { $("summary").textContent = "Cannot load sensors: " + e.message; }).finally(stream);
+status();
+setInterval(status, 5000);
+setInterval(staleness, 1000);
