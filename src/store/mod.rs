@@ -25,7 +25,7 @@ pub use history::{
     AggregateQuery, Bucket, Order, RangeCursor, RangeQuery, ReadingFilter, SeriesPoint,
     SeriesQuery, Stat, Stats,
 };
-pub use summaries::{KindSummary, SensorSummary, SummaryQuery};
+pub use summaries::{KindSummary, SensorSummary, SummaryFold, SummaryQuery};
 pub use writes::WriteLog;
 
 /// Where the history lives.
