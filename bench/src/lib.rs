@@ -1,17 +1,20 @@
 //! The end-to-end benchmark of sensorhub: MQTT clients over TCP at QoS 1, the embedded broker,
 //! the local log, MongoDB and Redis, measured side by side with the database's own ceiling in
-//! one run so the machine's noise cancels out of the ratios.
+//! one run so the machine's noise cancels out of the ratios. A crate of its own
+//! (`sensorhub-bench`), so the service's crate holds only the service: the binary (`main.rs`)
+//! prints the report, and `sensorhub` is used only for its domain types and its `Store`
+//! adapter, through which the ceiling inserts exactly the service's documents.
 //!
 //! # Layout
 //!
-//! - [`env`]: the services under test and the sensorhub processes, one per scenario;
-//! - [`load`]: the fleet of sensors and the MQTT publishers;
-//! - [`client`], [`wrk`]: HTTP (one keep-alive connection; wrk for throughput) and a bare MQTT
+//! - `env`: the services under test and the sensorhub processes, one per scenario;
+//! - `load`: the fleet of sensors and the MQTT publishers;
+//! - `client`, `wrk`: HTTP (one keep-alive connection; wrk for throughput) and a bare MQTT
 //!   CONNECT;
-//! - [`procfs`]: memory and CPU of processes, from `/proc`;
-//! - one module per scenario: [`ceiling`], [`ingest`], [`latency`], [`http`], [`memory`],
-//!   [`outage`], [`startup`];
-//! - [`report`]: the final table.
+//! - `procfs`: memory and CPU of processes, from `/proc`;
+//! - one module per scenario: `ceiling`, `ingest`, `latency`, `http`, `memory`,
+//!   `outage`, `startup`;
+//! - `report`: the final table.
 //!
 //! It measures and reports; it never changes sensorhub's settings to flatter a number.
 
