@@ -129,6 +129,10 @@ pub struct Options {
     /// scenario sustained when that is lower].
     #[arg(long)]
     pub memory_rate: Option<f64>,
+    /// Seconds of each cell of the ceiling sweep (4 batch sizes x 4 inserter counts)
+    /// [default: 4, quick: 1].
+    #[arg(long)]
+    pub ceiling_secs: Option<u64>,
     /// Seconds of the measured ingest window [default: 60, quick: 15].
     #[arg(long)]
     pub ingest_secs: Option<u64>,
@@ -177,7 +181,7 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub quick: bool,
-    /// Per ceiling configuration (batch size x inserters).
+    /// Per cell of the ceiling sweep (batch size x inserters).
     pub ceiling: Duration,
     pub ingest_warmup: Duration,
     pub ingest_window: Duration,
@@ -197,7 +201,7 @@ impl Plan {
         let secs = Duration::from_secs;
         Self {
             quick: q,
-            ceiling: if q { secs(4) } else { secs(20) },
+            ceiling: secs(o.ceiling_secs.unwrap_or(if q { 1 } else { 4 }).max(1)),
             ingest_warmup: if q { secs(3) } else { secs(5) },
             ingest_window: secs(o.ingest_secs.unwrap_or(if q { 15 } else { 60 })),
             ingest_rate: o.ingest_rate,
