@@ -11,7 +11,8 @@
 //!
 //! The cells run in a Latin-square order: each quarter of the sweep holds every batch size once
 //! and every inserter count once. On a shared machine the load drifts during the sweep; run row
-//! by row, a busy minute would read as "large batches are slow".
+//! by row, a busy minute would read as "large batches are slow". Each cell also shows the CPU
+//! the store got: a cell where it got much less than in the others was starved by other work.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,11 +24,13 @@ use tokio::task::JoinSet;
 
 use super::env::Env;
 use super::load::Fleet;
-use super::procfs::CpuMeter;
+use super::procfs::{CpuMeter, describe};
 use super::report::{Report, Table, Verdict, thousands};
 use super::targets::SENSORS;
 use super::{Findings, Plan};
 
+/// The name under which the store's process is measured (see `Options::mongo_pid`).
+const STORE: &str = "secantusd-rs";
 /// Readings per `insert_many`, the rows of the sweep.
 const BATCHES: [usize; 4] = [250, 500, 1000, 2000];
 /// Concurrent inserters (each one write in flight), the columns of the sweep.
@@ -47,12 +50,16 @@ pub async fn run(
         let measured = measure(env, &database, batch, inserters, plan.ceiling).await;
         env.drop_database(&database).await;
         match measured {
-            Ok((rate, cpu)) => {
+            Ok(cell) => {
                 report.detail(
                     "ceiling",
-                    format!("{config}: {} docs/s (CPU: {cpu})", thousands(rate)),
+                    format!(
+                        "{config}: {} docs/s (CPU: {})",
+                        thousands(cell.rate),
+                        cell.cpu
+                    ),
                 );
-                rates[b][i] = Some(rate);
+                rates[b][i] = Some(cell);
             }
             // One cell failing leaves the others worth reporting.
             Err(e) => report.problem("ceiling", format!("{config} failed: {e:#}")),
@@ -92,12 +99,23 @@ fn configuration(batch: usize, inserters: usize) -> String {
     format!("batch {batch} x {inserters} inserter(s)")
 }
 
+/// What one cell measured.
+#[derive(Debug, Clone)]
+struct Cell {
+    /// Documents/s.
+    rate: f64,
+    /// The store's CPU over the cell, % of one core (when its process is known).
+    store_cpu: Option<f64>,
+    /// Every measured process's CPU, for the details.
+    cpu: String,
+}
+
 /// The best cell of the sweep: (documents/s, batch, inserters).
-fn best(rates: &[Vec<Option<f64>>]) -> Option<(f64, usize, usize)> {
+fn best(rates: &[Vec<Option<Cell>>]) -> Option<(f64, usize, usize)> {
     let mut best: Option<(f64, usize, usize)> = None;
     for (row, batch) in rates.iter().zip(BATCHES) {
-        for (rate, inserters) in row.iter().zip(INSERTERS) {
-            if let Some(rate) = *rate
+        for (cell, inserters) in row.iter().zip(INSERTERS) {
+            if let Some(Cell { rate, .. }) = *cell
                 && best.is_none_or(|(b, _, _)| rate > b)
             {
                 best = Some((rate, batch, inserters));
@@ -107,8 +125,9 @@ fn best(rates: &[Vec<Option<f64>>]) -> Option<(f64, usize, usize)> {
     best
 }
 
-/// Documents/s by batch size (rows) and inserters (columns); the best cell is marked.
-fn sweep_table(rates: &[Vec<Option<f64>>], cell: Duration) -> Table {
+/// Documents/s by batch size (rows) and inserters (columns), with the store's CPU; the best
+/// cell is marked.
+fn sweep_table(rates: &[Vec<Option<Cell>>], duration: Duration) -> Table {
     let top = best(rates).map(|(rate, _, _)| rate);
     let mut header = vec!["batch \\ inserters".to_owned()];
     header.extend(INSERTERS.iter().map(ToString::to_string));
@@ -117,10 +136,18 @@ fn sweep_table(rates: &[Vec<Option<f64>>], cell: Duration) -> Table {
         .zip(BATCHES)
         .map(|(row, batch)| {
             let mut cells = vec![batch.to_string()];
-            cells.extend(row.iter().map(|rate| match *rate {
-                Some(rate) if Some(rate) == top => format!("{} (best)", thousands(rate)),
-                Some(rate) => thousands(rate),
-                None => "failed".to_owned(),
+            cells.extend(row.iter().map(|cell| {
+                let Some(cell) = cell else {
+                    return "failed".to_owned();
+                };
+                let mut text = thousands(cell.rate);
+                if let Some(cpu) = cell.store_cpu {
+                    text.push_str(&format!(" ({cpu:.0}%)"));
+                }
+                if Some(cell.rate) == top {
+                    text.push_str(" best");
+                }
+                text
             }));
             cells
         })
@@ -128,23 +155,23 @@ fn sweep_table(rates: &[Vec<Option<f64>>], cell: Duration) -> Table {
     Table {
         title: format!(
             "Store ceiling sweep: insert_many documents/s by batch size (rows) and concurrent \
-             inserters (columns), {:.0} s per cell, each in a fresh database:",
-            cell.as_secs_f64()
+             inserters (columns), {:.0} s per cell, each in a fresh database; in brackets the \
+             CPU {STORE} used, % of one core:",
+            duration.as_secs_f64()
         ),
         header,
         rows,
     }
 }
 
-/// Inserts for `duration` with `inserters` concurrent writers; returns documents/s and the CPU
-/// shares.
+/// Inserts for `duration` with `inserters` concurrent writers.
 async fn measure(
     env: &Env,
     database: &str,
     batch: usize,
     inserters: usize,
     duration: Duration,
-) -> anyhow::Result<(f64, String)> {
+) -> anyhow::Result<Cell> {
     let store = Store::connect(StoreConfig {
         uri: env.mongodb_uri.clone(),
         database: database.to_owned(),
@@ -193,14 +220,20 @@ async fn measure(
     }
     // Until the last write in flight returned: every document counted was acknowledged.
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu.finish();
+    let shares = cpu.shares();
     let stored = env.count_readings(database, true).await?;
     anyhow::ensure!(
         stored == warmed + inserted,
         "inserted {} documents but the collection holds {stored}",
         warmed + inserted
     );
-    Ok((inserted as f64 / elapsed, cpu))
+    Ok(Cell {
+        rate: inserted as f64 / elapsed,
+        store_cpu: shares
+            .iter()
+            .find_map(|(name, share)| (name == STORE).then_some(*share)),
+        cpu: describe(&shares),
+    })
 }
 
 /// How a cell splits the fleet's sequence numbers between its inserters.
@@ -295,16 +328,25 @@ mod tests {
 
     #[test]
     fn the_sweep_table_marks_the_best_cell_and_failures() {
-        let mut rates = vec![vec![Some(10_000.0); INSERTERS.len()]; BATCHES.len()];
-        rates[2][1] = Some(41_467.0);
+        let cell = |rate, store_cpu| {
+            Some(Cell {
+                rate,
+                store_cpu,
+                cpu: String::new(),
+            })
+        };
+        let mut rates = vec![vec![cell(10_000.0, Some(99.6)); INSERTERS.len()]; BATCHES.len()];
+        rates[2][1] = cell(41_467.0, Some(124.0));
+        rates[0][2] = cell(9_000.0, None);
         rates[3][3] = None;
         assert_eq!(best(&rates), Some((41_467.0, 1000, 2)));
         let table = sweep_table(&rates, Duration::from_secs(5));
         assert_eq!(table.header.len(), INSERTERS.len() + 1);
         assert_eq!(table.rows.len(), BATCHES.len());
         assert_eq!(table.rows[2][0], "1000");
-        assert_eq!(table.rows[2][2], "41,467 (best)");
-        assert_eq!(table.rows[0][1], "10,000");
+        assert_eq!(table.rows[2][2], "41,467 (124%) best");
+        assert_eq!(table.rows[0][1], "10,000 (100%)");
+        assert_eq!(table.rows[0][3], "9,000");
         assert_eq!(table.rows[3][4], "failed");
         assert!(table.title.contains("5 s per cell"), "{}", table.title);
         assert_eq!(best(&[vec![None; 4]]), None);
