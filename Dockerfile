@@ -9,14 +9,18 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 
-# Dependencies first, against placeholder sources: this layer is rebuilt only when Cargo.toml,
+# Dependencies first, against placeholder sources: this layer is rebuilt only when a manifest,
 # Cargo.lock or the vendored rumqttd (patched, see patches/rumqttd/) change, not on every edit
-# of src/.
+# of src/. Cargo loads every workspace member, so the benchmark crate (bench/) is here as its
+# manifest and a placeholder: it is never built, and its sources stay out of the build context
+# (.dockerignore).
 COPY Cargo.toml Cargo.lock ./
 COPY vendor ./vendor
-RUN mkdir src \
+COPY bench/Cargo.toml ./bench/
+RUN mkdir src bench/src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
  && cargo build --release --locked \
  && rm -rf src
 
@@ -25,7 +29,7 @@ COPY src ./src
 COPY rumqttd.toml ./
 # COPY keeps the files' old modification times, which can predate the placeholder build's
 # outputs; touching the crate roots makes cargo rebuild the crate itself. Only the service's
-# binary: other targets in src/bin (the benchmark) stay out of the image and its build time.
+# binary: the root package's other targets and the benchmark crate stay out of the build.
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked --bin sensorhub \
  && install -D -m 0755 target/release/sensorhub /out/sensorhub

@@ -28,6 +28,9 @@ use crate::simulator::{self, SimulatorConfig};
 use crate::store::{Store, StoreConfig};
 use crate::tls::{Certificates, HttpsAcceptor};
 
+/// How often the sensor summary is written: how far `/sensors` may trail the readings.
+const SUMMARY_INTERVAL: Duration = Duration::from_millis(500);
+
 /// A running sensorhub.
 #[derive(Debug)]
 pub struct Application {
@@ -43,6 +46,9 @@ pub struct Application {
     writer: JoinHandle<()>,
     writer_stop: WriterStop,
     cache_updater: JoinHandle<()>,
+    /// Writes the sensor summary; stopped after the writer, so it writes the writer's last.
+    summary_writer: JoinHandle<()>,
+    summaries_stop: CancellationToken,
     http: JoinHandle<std::io::Result<()>>,
     http_stop: CancellationToken,
     started: Instant,
@@ -143,6 +149,7 @@ impl Application {
 
         // Consumers before producers: the writer runs before the first message can arrive.
         let (cache_tx, cache_rx) = ingest::cache_queue();
+        let summaries = Arc::new(ingest::PendingSummaries::default());
         let writer_stop = WriterStop {
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -157,9 +164,18 @@ impl Application {
                 health: Arc::clone(&health),
                 cache_tx,
                 live: Arc::clone(&live),
+                summaries: Arc::clone(&summaries),
             }
             .run(writer_stop.clone()),
         );
+        let summaries_stop = CancellationToken::new();
+        let summary_writer = tokio::spawn(ingest::summaries(
+            store.clone(),
+            summaries,
+            Arc::clone(&metrics),
+            SUMMARY_INTERVAL,
+            summaries_stop.clone(),
+        ));
         let cache_updater = tokio::spawn(ingest::cache_updater(
             cache_rx,
             cache.clone(),
@@ -308,6 +324,8 @@ impl Application {
             writer,
             writer_stop,
             cache_updater,
+            summary_writer,
+            summaries_stop,
             http,
             http_stop,
             started,
@@ -381,6 +399,9 @@ impl Application {
         // 3. Flush: the writer dropped its queue sender, so the updater ends after the queue.
         let _ = tokio::time::timeout_at(deadline, &mut self.cache_updater).await;
         self.cache_updater.abort();
+        self.summaries_stop.cancel();
+        let _ = tokio::time::timeout_at(deadline, &mut self.summary_writer).await;
+        self.summary_writer.abort();
         if let Err(e) = self.journal.checkpoint() {
             tracing::error!(error = %e, "cannot write the local log checkpoint");
         }

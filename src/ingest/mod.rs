@@ -26,7 +26,7 @@ use crate::cache::{Cache, Health, LATEST};
 use crate::domain::{DeadLetter, Limits, Reading, SensorId, decode};
 use crate::journal::{Journal, JournalReader, Record};
 use crate::metrics::Metrics;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, SummaryFold};
 
 /// How much of the log one write takes at most.
 const BATCH_BYTES: usize = 512 << 10;
@@ -60,7 +60,12 @@ pub struct Writer {
     pub cache_tx: mpsc::Sender<Vec<Reading>>,
     /// Newly stored readings go out here, to `/stream` subscribers; never waits.
     pub live: Arc<crate::live::Live>,
+    /// Newly stored readings folded for the sensor summary, written by `summaries`.
+    pub summaries: Arc<PendingSummaries>,
 }
+
+/// The sensor summary's share of what the writer stored and `summaries` has not written yet.
+pub type PendingSummaries = std::sync::Mutex<SummaryFold>;
 
 /// A queue to the cache updater; the writer never waits on it.
 pub fn cache_queue() -> (mpsc::Sender<Vec<Reading>>, mpsc::Receiver<Vec<Reading>>) {
@@ -205,6 +210,10 @@ impl Writer {
                 "more dead letters in this batch; see GET /deadletters"
             );
         }
+        self.summaries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .add(&batch.readings, duplicates_in_order(&duplicates).as_slice());
         self.live.publish(
             (batch.readings.iter().enumerate())
                 .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r)),
@@ -222,6 +231,70 @@ impl Writer {
             }
         }
         self.journal.mark_stored(batch.end);
+    }
+}
+
+fn duplicates_in_order(duplicates: &HashSet<usize>) -> Vec<usize> {
+    let mut positions: Vec<usize> = duplicates.iter().copied().collect();
+    positions.sort_unstable();
+    positions
+}
+
+/// Writes the sensor summary (`/sensors`, `/latest`) off the writer's path: every `every`, what
+/// the writer folded since the last write goes out as one command per 1,000 sensors, so its cost
+/// follows the sensors that reported, not the batches. A failed write keeps its part for the
+/// next round. Runs until `stop`, then writes what is left once more.
+///
+/// The summary trails the readings by up to `every`; a crash loses the counts of that interval
+/// (first and last seen and the last value are set again by the sensor's next reading).
+pub async fn summaries(
+    store: Store,
+    pending: Arc<PendingSummaries>,
+    metrics: Arc<Metrics>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let take = || {
+        std::mem::take(
+            &mut *pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    };
+    let mut failures: u32 = 0;
+    loop {
+        let stopping = tokio::select! {
+            () = tokio::time::sleep(every) => false,
+            () = stop.cancelled() => true,
+        };
+        let fold = take();
+        if !fold.is_empty() {
+            match tokio::time::timeout(WRITE_TIMEOUT, store.record_summaries(&fold)).await {
+                Ok(Ok(())) => failures = 0,
+                outcome => {
+                    let (error, unapplied) = match outcome {
+                        Ok(Err((e, unapplied))) => (e, unapplied),
+                        _ => (StoreError::TimedOut(WRITE_TIMEOUT), fold),
+                    };
+                    metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    if failures.is_multiple_of(10) {
+                        tracing::warn!(
+                            error = crate::error_chain(&error),
+                            sensors = unapplied.len(),
+                            "cannot update the sensor summary; trying again"
+                        );
+                    }
+                    failures += 1;
+                    pending
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .merge(unapplied);
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
     }
 }
 
@@ -263,14 +336,6 @@ async fn store_batch(
 ) -> Option<Stored> {
     let inserted = until_done(
         || store.insert_readings(&batch.readings),
-        &metrics,
-        &journal,
-        &abort,
-    )
-    .await?;
-    // The sensor summary (`/sensors`, `/latest`): one update command per batch.
-    until_done(
-        || store.record_summaries(&batch.readings, &inserted.duplicates),
         &metrics,
         &journal,
         &abort,

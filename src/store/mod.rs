@@ -27,7 +27,7 @@ pub use history::{
     SeriesQuery, Stat, Stats,
 };
 pub use retention::TtlChange;
-pub use summaries::{KindSummary, SensorSummary, SummaryQuery};
+pub use summaries::{KindSummary, SensorSummary, SummaryFold, SummaryQuery};
 pub use writes::WriteLog;
 
 /// Where the history lives.

@@ -18,8 +18,6 @@ use super::{Store, StoreError};
 use crate::domain::{Kind, Reading, SensorId, Timestamp};
 
 /// Statements sent again after a write error (an upsert race on a new sensor) before giving up.
-const RETRIES: usize = 3;
-
 /// What the summary knows of one kind of one sensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KindSummary {
@@ -147,8 +145,8 @@ fn unescape_field(field: &str) -> String {
         .replace("%25", "%")
 }
 
-/// One batch's readings of one kind of one sensor, folded.
-#[derive(Debug)]
+/// One kind of one sensor's newly stored readings, folded.
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Fold {
     first: Timestamp,
     last: Timestamp,
@@ -156,97 +154,163 @@ struct Fold {
     count: i64,
 }
 
-/// The update statements for `readings` (newly stored ones counted, all others only widening
-/// the times), one per sensor.
-fn statements<'a>(readings: impl Iterator<Item = (&'a Reading, bool)>) -> Vec<Document> {
-    let mut sensors: HashMap<&SensorId, HashMap<&Kind, Fold>> = HashMap::new();
-    for (r, new) in readings {
-        let fold = sensors
-            .entry(r.sensor_id())
-            .or_default()
-            .entry(r.kind())
-            .or_insert(Fold {
-                first: r.timestamp(),
-                last: r.timestamp(),
-                last_value: r.value(),
-                count: 0,
-            });
-        fold.first = fold.first.min(r.timestamp());
-        if r.timestamp() > fold.last {
-            fold.last = r.timestamp();
-            fold.last_value = r.value();
-        }
-        fold.count += i64::from(new);
-    }
-    sensors
-        .into_iter()
-        .map(|(id, kinds)| {
-            let (mut min, mut max, mut inc) = (Document::new(), Document::new(), Document::new());
-            let mut total = 0;
-            let (mut first, mut last) = (Timestamp::MAX, Timestamp::MIN);
-            for (kind, fold) in kinds {
-                let field = escape_field(kind.as_str());
-                min.insert(format!("kinds.{field}.first"), date(fold.first));
-                max.insert(
-                    format!("kinds.{field}.last"),
-                    doc! {"t": date(fold.last), "v": fold.last_value},
-                );
-                inc.insert(format!("kinds.{field}.count"), fold.count);
-                total += fold.count;
-                first = first.min(fold.first);
-                last = last.max(fold.last);
-            }
-            min.insert("first_seen", date(first));
-            max.insert("last_seen", date(last));
-            inc.insert("count", total);
-            doc! {
-                "q": {"_id": id.as_str()},
-                "u": {"$min": min, "$max": max, "$inc": inc},
-                "upsert": true,
-            }
-        })
-        .collect()
+/// Newly stored readings folded per sensor and kind, across as many batches as it is given:
+/// what one update command then adds to the sensor summary. Memory grows with the sensors it
+/// has seen since it was last written, not with the readings.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SummaryFold {
+    sensors: HashMap<SensorId, HashMap<Kind, Fold>>,
 }
+
+impl SummaryFold {
+    /// Adds a stored batch: `duplicates` (positions in `readings`, as `insert_readings` reported
+    /// them) were already summarised when MongoDB first stored them, and their value may differ
+    /// from the stored one (the first stored wins), so they are left out.
+    pub fn add(&mut self, readings: &[Reading], duplicates: &[usize]) {
+        let duplicates: std::collections::HashSet<usize> = duplicates.iter().copied().collect();
+        for (i, r) in readings.iter().enumerate() {
+            if duplicates.contains(&i) {
+                continue;
+            }
+            let fold = self
+                .sensors
+                .entry(r.sensor_id().clone())
+                .or_default()
+                .entry(r.kind().clone())
+                .or_insert(Fold {
+                    first: r.timestamp(),
+                    last: r.timestamp(),
+                    last_value: r.value(),
+                    count: 0,
+                });
+            fold.first = fold.first.min(r.timestamp());
+            if r.timestamp() > fold.last {
+                fold.last = r.timestamp();
+                fold.last_value = r.value();
+            }
+            fold.count += 1;
+        }
+    }
+
+    /// Adds what another fold holds (a write that failed goes back to be tried again).
+    pub fn merge(&mut self, other: SummaryFold) {
+        for (id, kinds) in other.sensors {
+            let mine = self.sensors.entry(id).or_default();
+            for (kind, theirs) in kinds {
+                mine.entry(kind)
+                    .and_modify(|fold| {
+                        fold.first = fold.first.min(theirs.first);
+                        if theirs.last > fold.last {
+                            fold.last = theirs.last;
+                            fold.last_value = theirs.last_value;
+                        }
+                        fold.count += theirs.count;
+                    })
+                    .or_insert(theirs);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sensors.is_empty()
+    }
+
+    /// Sensors it holds.
+    pub fn len(&self) -> usize {
+        self.sensors.len()
+    }
+
+    /// One update statement per sensor, every operator one that commutes (`$min`, `$max`,
+    /// `$inc`), so instances writing the same summary never undo each other.
+    fn statements(&self) -> Vec<(SensorId, Document)> {
+        self.sensors
+            .iter()
+            .map(|(id, kinds)| {
+                let (mut min, mut max, mut inc) =
+                    (Document::new(), Document::new(), Document::new());
+                let mut total = 0;
+                let (mut first, mut last) = (Timestamp::MAX, Timestamp::MIN);
+                for (kind, fold) in kinds {
+                    let field = escape_field(kind.as_str());
+                    min.insert(format!("kinds.{field}.first"), date(fold.first));
+                    max.insert(
+                        format!("kinds.{field}.last"),
+                        doc! {"t": date(fold.last), "v": fold.last_value},
+                    );
+                    inc.insert(format!("kinds.{field}.count"), fold.count);
+                    total += fold.count;
+                    first = first.min(fold.first);
+                    last = last.max(fold.last);
+                }
+                min.insert("first_seen", date(first));
+                max.insert("last_seen", date(last));
+                inc.insert("count", total);
+                let statement = doc! {
+                    "q": {"_id": id.as_str()},
+                    "u": {"$min": min, "$max": max, "$inc": inc},
+                    "upsert": true,
+                };
+                (id.clone(), statement)
+            })
+            .collect()
+    }
+
+    /// The part of the fold for these sensors only.
+    fn only(&self, ids: &[SensorId]) -> SummaryFold {
+        SummaryFold {
+            sensors: ids
+                .iter()
+                .filter_map(|id| self.sensors.get(id).map(|k| (id.clone(), k.clone())))
+                .collect(),
+        }
+    }
+}
+
+/// Statements per update command: far below the server's 100,000 and 16 MB.
+const STATEMENTS_PER_COMMAND: usize = 1000;
 
 fn date(t: Timestamp) -> DateTime {
     DateTime::from_millis(t.as_millis())
 }
 
 impl Store {
-    /// Folds a stored batch into the sensor summary: `duplicates` (positions in `readings`, as
-    /// `insert_readings` reported them) are not counted again. One command for the whole batch.
+    /// Adds `fold` to the sensor summary, in commands of up to 1,000 sensors. On failure,
+    /// returns the part of the fold that was not applied, to be tried again: statements the
+    /// server did apply are not in it, since `$inc` must not count them twice.
     pub async fn record_summaries(
         &self,
-        readings: &[Reading],
-        duplicates: &[usize],
-    ) -> Result<(), StoreError> {
-        if readings.is_empty() {
-            return Ok(());
-        }
-        let mut is_new = vec![true; readings.len()];
-        for &i in duplicates {
-            if let Some(flag) = is_new.get_mut(i) {
-                *flag = false;
-            }
-        }
-        // A duplicate is a reading MongoDB already had, and already summarised when it stored it;
-        // its value may even differ from the stored one (the first stored wins), so it must not
-        // become the last value.
-        let mut pending = statements(readings.iter().zip(is_new).filter(|(_, new)| *new));
+        fold: &SummaryFold,
+    ) -> Result<(), (StoreError, SummaryFold)> {
+        let statements = fold.statements();
         let db = self.client.database(&self.config.database);
         let collection = self.summaries.name().to_owned();
-        for _ in 0..RETRIES {
-            if pending.is_empty() {
-                return Ok(());
-            }
-            let reply = db
+        for (n, chunk) in statements.chunks(STATEMENTS_PER_COMMAND).enumerate() {
+            let updates: Vec<Document> = chunk.iter().map(|(_, d)| d.clone()).collect();
+            let unapplied = |failed: &mut dyn Iterator<Item = usize>| {
+                let mut ids: Vec<SensorId> = failed
+                    .filter_map(|i| chunk.get(i).map(|(id, _)| id.clone()))
+                    .collect();
+                ids.extend(
+                    statements
+                        .iter()
+                        .skip((n + 1) * STATEMENTS_PER_COMMAND)
+                        .map(|(id, _)| id.clone()),
+                );
+                fold.only(&ids)
+            };
+            let reply = match db
                 .run_command(doc! {
                     "update": &collection,
-                    "updates": pending.clone(),
+                    "updates": updates,
                     "ordered": false,
                 })
-                .await?;
-            // Only failed statements go again: `$inc` of the others already applied.
+                .await
+            {
+                Ok(reply) => reply,
+                // Whether any of it applied is unknown: trying this chunk again may count it
+                // twice, dropping it may count it never; again is the lesser error for a count.
+                Err(e) => return Err((e.into(), unapplied(&mut (0..chunk.len())))),
+            };
             let failed: Vec<usize> = reply
                 .get_array("writeErrors")
                 .map(|errors| {
@@ -258,16 +322,15 @@ impl Store {
                         .collect()
                 })
                 .unwrap_or_default();
-            pending = failed
-                .into_iter()
-                .filter_map(|i| pending.get(i).cloned())
-                .collect();
+            if !failed.is_empty() {
+                let count = failed.len();
+                return Err((
+                    StoreError::SummaryRejected(count),
+                    unapplied(&mut failed.into_iter()),
+                ));
+            }
         }
-        if pending.is_empty() {
-            Ok(())
-        } else {
-            Err(StoreError::SummaryRejected(pending.len()))
-        }
+        Ok(())
     }
 
     /// Sensors in id order, from the summary: one indexed read, however long the history.
@@ -345,23 +408,24 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_folds_into_one_statement_per_sensor() {
+    fn batches_fold_into_one_statement_per_sensor() {
         let readings = [
             reading("a", "t", 1.0, 3000),
             reading("a", "t", 2.0, 1000),
             reading("a", "h", 3.0, 2000),
             reading("b", "t", 4.0, 5000),
         ];
-        let mut docs = statements(readings.iter().map(|r| (r, r.value() != 4.0)));
-        docs.sort_by_key(|d| {
-            d.get_document("q")
-                .unwrap()
-                .get_str("_id")
-                .unwrap()
-                .to_owned()
-        });
-        assert_eq!(docs.len(), 2);
-        let u = docs[0].get_document("u").unwrap();
+        let mut fold = SummaryFold::default();
+        // b's reading was a duplicate: already summarised when first stored.
+        fold.add(&readings[..2], &[]);
+        let mut later = SummaryFold::default();
+        later.add(&readings[2..], &[1]);
+        fold.merge(later);
+        let docs = fold.statements();
+        assert_eq!(docs.len(), 1, "the duplicate adds nothing");
+        let (id, doc) = &docs[0];
+        assert_eq!(id.as_str(), "a");
+        let u = doc.get_document("u").unwrap();
         let max = u.get_document("$max").unwrap();
         assert_eq!(
             max.get_document("kinds.t.last").unwrap(),
@@ -379,8 +443,8 @@ mod tests {
         let inc = u.get_document("$inc").unwrap();
         assert_eq!(inc.get_i64("count").unwrap(), 3);
         assert_eq!(inc.get_i64("kinds.h.count").unwrap(), 1);
-        let b = docs[1].get_document("u").unwrap();
-        assert_eq!(b.get_document("$inc").unwrap().get_i64("count").unwrap(), 0);
+        assert_eq!(fold.only(&[]).len(), 0);
+        assert_eq!(fold.only(&[SensorId::parse("a").unwrap()]), fold);
     }
 
     #[test]

@@ -68,8 +68,18 @@ async fn sensors_and_latest_come_from_the_summary_kept_on_the_write_path() {
     })
     .await;
 
-    let (status, body) = app.get_json("/sensors").await;
-    assert_eq!(status, 200, "{body}");
+    // The summary is written a moment after the readings (every 500 ms, off the write path).
+    let body = app
+        .eventually("both sensors summarised", || async {
+            let (status, body) = app.get_json("/sensors").await;
+            assert_eq!(status, 200, "{body}");
+            let summarised = body["sensors"].as_array().is_some_and(|s| {
+                s.len() == 2
+                    && s.iter().map(|x| x["count"].as_u64()).sum::<Option<u64>>() == Some(6)
+            });
+            summarised.then_some(body)
+        })
+        .await;
     assert_eq!(body["has_more"], false);
     let sensors = body["sensors"].as_array().unwrap();
     assert_eq!(sensors.len(), 2, "{body}");

@@ -22,11 +22,21 @@ pub struct Row {
     pub verdict: Verdict,
 }
 
+/// A table of its own under the main one: a sweep of configurations, say.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub title: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
 /// Everything the run found.
 #[derive(Debug, Default)]
 pub struct Report {
     pub facts: Vec<(String, String)>,
     pub rows: Vec<Row>,
+    /// Shown after the main table, before the details.
+    pub tables: Vec<Table>,
     /// Supporting numbers: configurations tried, CPU shares, achieved background rates.
     pub details: Vec<String>,
     /// Warnings and errors in sensorhub's logs, failed scenarios, invalid runs.
@@ -51,6 +61,10 @@ impl Report {
         });
     }
 
+    pub fn table(&mut self, table: Table) {
+        self.tables.push(table);
+    }
+
     pub fn detail(&mut self, scenario: &str, text: impl AsRef<str>) {
         let line = format!("{scenario}: {}", text.as_ref());
         tracing::info!("{line}");
@@ -70,8 +84,8 @@ impl Report {
         for (name, value) in &self.facts {
             let _ = writeln!(out, "- {name}: {value}");
         }
-        let header = ["scenario", "target", "measured", "ratio / verdict"];
-        let cells: Vec<[String; 4]> = self
+        let header = ["scenario", "target", "measured", "ratio / verdict"].map(String::from);
+        let cells: Vec<Vec<String>> = self
             .rows
             .iter()
             .map(|r| {
@@ -85,7 +99,7 @@ impl Report {
                     (false, true) => r.ratio.clone(),
                     (false, false) => format!("{} {verdict}", r.ratio),
                 };
-                [
+                vec![
                     r.scenario.clone(),
                     r.target.clone(),
                     r.measured.clone(),
@@ -93,26 +107,11 @@ impl Report {
                 ]
             })
             .collect();
-        let mut widths = header.map(str::len);
-        for row in &cells {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let line = |cells: &[String]| {
-            let padded: Vec<String> = cells
-                .iter()
-                .zip(widths)
-                .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
-                .collect();
-            format!("| {} |", padded.join(" | "))
-        };
         let _ = writeln!(out);
-        let _ = writeln!(out, "{}", line(&header.map(String::from)));
-        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-        let _ = writeln!(out, "|-{}-|", rule.join("-|-"));
-        for row in &cells {
-            let _ = writeln!(out, "{}", line(row));
+        out.push_str(&aligned(&header, &cells));
+        for table in &self.tables {
+            let _ = writeln!(out, "\n{}\n", table.title);
+            out.push_str(&aligned(&table.header, &table.rows));
         }
         if !self.details.is_empty() {
             let _ = writeln!(out, "\nDetails:");
@@ -129,6 +128,31 @@ impl Report {
         }
         out
     }
+}
+
+/// A Markdown table with its columns padded to one width, readable as plain text too.
+fn aligned(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.chars().count())))
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    let mut out = line(header);
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    let _ = writeln!(out, "|-{}-|", rule.join("-|-"));
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
 }
 
 /// 41234.6 -> "41,235".
@@ -278,5 +302,28 @@ mod tests {
         assert_eq!(lines.len(), 4);
         assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{text}");
         assert!(text.contains("2.0x PASS"));
+    }
+
+    #[test]
+    fn renders_extra_tables_between_the_main_one_and_the_details() {
+        let mut r = Report::default();
+        r.row("ceiling", "reference", "70,000 docs/s", "", Verdict::Info);
+        r.table(Table {
+            title: "Sweep:".into(),
+            header: vec!["batch".into(), "1".into(), "2".into()],
+            rows: vec![
+                vec!["250".into(), "9,000".into(), "12,000 (best)".into()],
+                vec!["1000".into(), "11,000".into(), "n/a".into()],
+            ],
+        });
+        r.detail("ceiling", "more");
+        let text = r.render();
+        let (main, rest) = text.split_once("Sweep:").unwrap();
+        assert_eq!(main.lines().filter(|l| l.starts_with('|')).count(), 3);
+        let sweep: Vec<&str> = rest.lines().filter(|l| l.starts_with('|')).collect();
+        assert_eq!(sweep.len(), 4, "{text}");
+        assert!(sweep.iter().all(|l| l.len() == sweep[0].len()), "{text}");
+        let (best, details) = (rest.find("12,000 (best)"), rest.find("Details:"));
+        assert!(best.unwrap() < details.unwrap(), "{text}");
     }
 }

@@ -64,6 +64,15 @@ pub fn ticks_per_second() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// "sensorhub 95%, secantusd-rs 80%, ..." from `CpuMeter::shares`.
+pub fn describe(shares: &[(String, f64)]) -> String {
+    shares
+        .iter()
+        .map(|(name, share)| format!("{name} {share:.0}%"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// CPU used by named processes over a window, as a percentage of one core.
 #[derive(Debug)]
 pub struct CpuMeter {
@@ -87,15 +96,19 @@ impl CpuMeter {
 
     /// "sensorhub 95%, secantusd-rs 80%, ..." for the window since `start`.
     pub fn finish(&self) -> String {
+        describe(&self.shares())
+    }
+
+    /// Each process's CPU since `start`, as a percentage of one core.
+    pub fn shares(&self) -> Vec<(String, f64)> {
         let wall = self.started.elapsed().as_secs_f64().max(1e-3);
         self.start
             .iter()
             .filter_map(|(name, pid, before)| {
                 let used = cpu_seconds(*pid, self.ticks)? - (*before)?;
-                Some(format!("{name} {:.0}%", 100.0 * used / wall))
+                Some((name.clone(), 100.0 * used / wall))
             })
-            .collect::<Vec<_>>()
-            .join(", ")
+            .collect()
     }
 }
 

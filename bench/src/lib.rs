@@ -1,17 +1,20 @@
 //! The end-to-end benchmark of sensorhub: MQTT clients over TCP at QoS 1, the embedded broker,
 //! the local log, MongoDB and Redis, measured side by side with the database's own ceiling in
-//! one run so the machine's noise cancels out of the ratios.
+//! one run so the machine's noise cancels out of the ratios. A crate of its own
+//! (`sensorhub-bench`), so the service's crate holds only the service: the binary (`main.rs`)
+//! prints the report, and `sensorhub` is used only for its domain types and its `Store`
+//! adapter, through which the ceiling inserts exactly the service's documents.
 //!
 //! # Layout
 //!
-//! - [`env`]: the services under test and the sensorhub processes, one per scenario;
-//! - [`load`]: the fleet of sensors and the MQTT publishers;
-//! - [`client`], [`wrk`]: HTTP (one keep-alive connection; wrk for throughput) and a bare MQTT
+//! - `env`: the services under test and the sensorhub processes, one per scenario;
+//! - `load`: the fleet of sensors and the MQTT publishers;
+//! - `client`, `wrk`: HTTP (one keep-alive connection; wrk for throughput) and a bare MQTT
 //!   CONNECT;
-//! - [`procfs`]: memory and CPU of processes, from `/proc`;
-//! - one module per scenario: [`ceiling`], [`ingest`], [`latency`], [`http`], [`memory`],
-//!   [`outage`], [`startup`];
-//! - [`report`]: the final table.
+//! - `procfs`: memory and CPU of processes, from `/proc`;
+//! - one module per scenario: `ceiling`, `ingest`, `latency`, `http`, `memory`,
+//!   `outage`, `startup`;
+//! - `report`: the final table.
 //!
 //! It measures and reports; it never changes sensorhub's settings to flatter a number.
 
@@ -126,6 +129,10 @@ pub struct Options {
     /// scenario sustained when that is lower].
     #[arg(long)]
     pub memory_rate: Option<f64>,
+    /// Seconds of each cell of the ceiling sweep (4 batch sizes x 4 inserter counts)
+    /// [default: 4, quick: 1].
+    #[arg(long)]
+    pub ceiling_secs: Option<u64>,
     /// Seconds of the measured ingest window [default: 60, quick: 15].
     #[arg(long)]
     pub ingest_secs: Option<u64>,
@@ -174,7 +181,7 @@ fn parse_rate(text: &str) -> Result<Rate, String> {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub quick: bool,
-    /// Per ceiling configuration (batch size x inserters).
+    /// Per cell of the ceiling sweep (batch size x inserters).
     pub ceiling: Duration,
     pub ingest_warmup: Duration,
     pub ingest_window: Duration,
@@ -194,7 +201,7 @@ impl Plan {
         let secs = Duration::from_secs;
         Self {
             quick: q,
-            ceiling: if q { secs(4) } else { secs(20) },
+            ceiling: secs(o.ceiling_secs.unwrap_or(if q { 1 } else { 4 }).max(1)),
             ingest_warmup: if q { secs(3) } else { secs(5) },
             ingest_window: secs(o.ingest_secs.unwrap_or(if q { 15 } else { 60 })),
             ingest_rate: o.ingest_rate,

@@ -5,8 +5,6 @@
 // to stderr through tracing, like the service's logs.
 #![allow(clippy::print_stdout)]
 
-mod sensorhub_bench;
-
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
