@@ -815,6 +815,35 @@ fn read_checkpoint(dir: &Path) -> u64 {
 /// Scans the active segment and cuts it after its last intact record: only a torn tail goes,
 /// never intact records after damage. Returns the kept length.
 fn recover_tail(path: &Path, base: u64, framing: Framing) -> io::Result<u64> {
+    let (mut valid, len, kept_damage) = intact_end(path, base, framing.clone())?;
+    if let Framing::Keyed(_) = framing {
+        // Nothing a CRC alone can still read is cut: under a wrong key (a meta file copied from
+        // another log) every fragment looks damaged, and the records must stay on disk for the
+        // right one.
+        valid = valid.max(intact_end(path, base, Framing::Unkeyed)?.0);
+    }
+    if valid < len {
+        tracing::warn!(
+            segment = %path.display(),
+            cut_bytes = len - valid,
+            "cutting a torn tail off the local log (a crash interrupted a write)"
+        );
+        OpenOptions::new().write(true).open(path)?.set_len(valid)?;
+    }
+    if kept_damage > 0 {
+        tracing::warn!(
+            segment = %path.display(),
+            damaged_bytes = kept_damage,
+            "the local log's active segment is damaged before its last intact record; the \
+             reader will skip the damage and read the records after it"
+        );
+    }
+    Ok(valid)
+}
+
+/// The end of the last intact record in a segment, the segment's length, and the damaged bytes
+/// before that end.
+fn intact_end(path: &Path, base: u64, framing: Framing) -> io::Result<(u64, u64, u64)> {
     let file = File::open(path)?;
     let len = file.metadata()?.len();
     let mut scan = SegmentScan::new(file, base, len, 1 << 20, framing);
@@ -834,23 +863,7 @@ fn recover_tail(path: &Path, base: u64, framing: Framing) -> io::Result<u64> {
             Event::End => break,
         }
     }
-    if valid < len {
-        tracing::warn!(
-            segment = %path.display(),
-            cut_bytes = len - valid,
-            "cutting a torn tail off the local log (a crash interrupted a write)"
-        );
-        OpenOptions::new().write(true).open(path)?.set_len(valid)?;
-    }
-    if kept_damage > 0 {
-        tracing::warn!(
-            segment = %path.display(),
-            damaged_bytes = kept_damage,
-            "the local log's active segment is damaged before its last intact record; the \
-             reader will skip the damage and read the records after it"
-        );
-    }
-    Ok(valid)
+    Ok((valid, len, kept_damage))
 }
 
 #[cfg(test)]

@@ -629,6 +629,32 @@ fn a_log_whose_key_is_lost_is_read_and_resyncs_at_block_boundaries() {
     damage_and_check(journal, &written, &at, Then::Reopen, "under a new key");
 }
 
+#[test]
+fn a_meta_from_another_log_cuts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    Journal::open(config(other.path())).unwrap().shutdown();
+    let written: Vec<Captured> = (0..50).map(message).collect();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    journal.append(&written).unwrap();
+    let end = journal.end();
+    journal.shutdown();
+    drop(journal);
+    let own = fs::read(dir.path().join("meta")).unwrap();
+    // Under another log's key every fragment looks damaged: skipped, but kept on disk.
+    fs::copy(other.path().join("meta"), dir.path().join("meta")).unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    assert_eq!(journal.end(), end, "recovery cut records a CRC still reads");
+    let mut reader = journal.reader();
+    assert!(read_all(&mut reader).is_empty());
+    assert_eq!(reader.corrupt_bytes(), end);
+    journal.shutdown();
+    drop(journal);
+    fs::write(dir.path().join("meta"), own).unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    assert_eq!(read_all(&mut journal.reader()), written);
+}
+
 /// A FULL fragment of `body` as a publisher could forge it for log position `lsn`: the CRC
 /// right, but not the tag, which takes the key.
 fn forge(lsn: u64, body: &[u8]) -> Vec<u8> {
