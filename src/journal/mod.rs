@@ -6,12 +6,15 @@
 //! and it must never decide what a reading is (that is `domain::decode`).
 //!
 //! Layout on disk, in `dir`:
-//! - `<base>.wal`: segments, named by the log position (LSN, a byte offset over the whole log)
+//! - `<base>.wal2`: segments, named by the log position (LSN, a byte offset over the whole log)
 //!   of their first byte. Each is a run of 32 KiB blocks holding records cut into checksummed
-//!   fragments (`format`); a record's LSN is the position of its first fragment;
+//!   fragments tagged with the log's key (`format`); a record's LSN is the position of its first
+//!   fragment;
 //! - `checkpoint`: the LSN below which everything is stored (written atomically by rename);
-//! - `meta`: this log's random id, which keeps dead-letter ids unique across wiped logs;
-//! - `<base>.seg`: segments in the first format, converted once at open and deleted (`legacy`).
+//! - `meta`: this log's random id, which keeps dead-letter ids unique across wiped logs, and its
+//!   random key (`meta`);
+//! - `<base>.seg` and `<base>.wal`: segments in the two earlier formats, converted once at open
+//!   and deleted (`legacy`).
 //!
 //! Durability: an append is one `write(2)` of a whole batch, so once `append` returns, a process
 //! crash cannot lose it. Power loss can lose what was not yet `fdatasync`ed; `FsyncPolicy` says
@@ -27,15 +30,18 @@
 //! that cannot be synced is only an error for its caller to log: segments are deleted only once
 //! a checkpoint is durable, and a stale one means duplicates on replay, never a loss.
 //!
-//! Damage: a reader that meets bytes it cannot frame skips to the next block boundary, where the
-//! writer guarantees a fragment starts, so a damaged stretch costs the records it touches and
-//! the rest of its 32 KiB block, not the rest of the segment. The bytes skipped are counted
-//! (`corrupt_bytes`) and each damaged stretch is logged once. Recovery at open cuts only a torn
-//! tail, whatever follows the active segment's last intact record; intact records after damage
-//! are kept for the reader.
+//! Damage: a reader that meets bytes it cannot frame resumes at the next fragment whose tag
+//! verifies under the log's key, so a damaged stretch costs the records whose bytes it touched
+//! (and a record cut into fragments across blocks whole), not the rest of its block or segment.
+//! A segment written before the log had its current key (its meta was lost) is read by CRC
+//! alone, and there the reader resumes only at the next block boundary, where the writer
+//! guarantees a fragment starts. The bytes skipped are counted (`corrupt_bytes`) and each damaged
+//! stretch is logged once. Recovery at open cuts only a torn tail, whatever follows the active
+//! segment's last intact record; intact records after damage are kept for the reader.
 
 mod format;
 mod legacy;
+mod meta;
 mod segment;
 
 use std::fs::{self, File, OpenOptions};
@@ -50,10 +56,12 @@ use tokio::sync::watch;
 
 use crate::domain::Captured;
 pub use format::MAX_PAYLOAD_BYTES;
+use format::{Framing, Key};
+use meta::Meta;
 use segment::{Event, SegmentScan};
 
 /// The extension of segments in the current format.
-const EXTENSION: &str = "wal";
+const EXTENSION: &str = "wal2";
 
 /// When appended bytes are forced to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +114,9 @@ pub struct Journal {
 struct Shared {
     config: JournalConfig,
     log_id: String,
+    /// What new fragments are tagged with; segments based at `keyed_from` or later carry it.
+    key: Key,
+    keyed_from: u64,
     tail: Mutex<Tail>,
     /// The LSN up to which records are written and readable.
     end: watch::Sender<u64>,
@@ -151,8 +162,8 @@ struct SyncState {
 }
 
 impl Journal {
-    /// Opens (or creates) the log in `config.dir`: converts a log in the first format, then cuts
-    /// off a torn tail left by a crash.
+    /// Opens (or creates) the log in `config.dir`: gives it a key if it has none, converts a log
+    /// in an earlier format, then cuts off a torn tail left by a crash.
     pub fn open(config: JournalConfig) -> Result<Self, OpenError> {
         let dir = config.dir.clone();
         let io_err = |source| OpenError::Io {
@@ -160,9 +171,26 @@ impl Journal {
             source,
         };
         fs::create_dir_all(&config.dir).map_err(io_err)?;
-        let log_id = read_or_create_meta(&config.dir).map_err(io_err)?;
+        let found = meta::read(&config.dir);
         let checkpoint = read_checkpoint(&config.dir);
-        legacy::upgrade(&config.dir, checkpoint).map_err(io_err)?;
+        let had_segments = !list_segments(&config.dir, EXTENSION)
+            .map_err(io_err)?
+            .is_empty();
+        // Segments written under a key that is now lost are read by CRC alone; the new key
+        // applies from the log's end, known once the tail is recovered.
+        let key_lost = found.key.is_none() && had_segments;
+        let mut log_meta = Meta {
+            id: found.id.clone().unwrap_or_else(meta::new_id),
+            key: found
+                .key
+                .as_ref()
+                .map_or_else(Key::random, |(key, _)| key.clone()),
+            keyed_from: found.key.as_ref().map_or(0, |(_, from)| *from),
+        };
+        if (found.id.is_none() || found.key.is_none()) && !key_lost {
+            meta::write(&config.dir, &log_meta).map_err(io_err)?;
+        }
+        legacy::upgrade(&config.dir, checkpoint, &log_meta.key).map_err(io_err)?;
         let mut segments = list_segments(&config.dir, EXTENSION).map_err(io_err)?;
         if segments.is_empty() {
             segments.push(checkpoint);
@@ -170,11 +198,34 @@ impl Journal {
             sync_dir(&config.dir).map_err(io_err)?;
         }
         let last = *segments.last().unwrap_or(&checkpoint);
-        let valid = recover_tail(&segment_path(&config.dir, last)).map_err(io_err)?;
+        let framing = if key_lost {
+            Framing::Unkeyed
+        } else {
+            framing_of(&log_meta.key, log_meta.keyed_from, last)
+        };
+        let valid =
+            recover_tail(&segment_path(&config.dir, last), last, framing).map_err(io_err)?;
         let end = last + valid;
+        if key_lost {
+            // Created before the meta that names it: a crash in between finds the key lost
+            // again, and this segment empty, to be used as it is.
+            if valid > 0 {
+                File::create(segment_path(&config.dir, end)).map_err(io_err)?;
+                sync_dir(&config.dir).map_err(io_err)?;
+                segments.push(end);
+            }
+            log_meta.keyed_from = end;
+            meta::write(&config.dir, &log_meta).map_err(io_err)?;
+            tracing::warn!(
+                keyed_from = end,
+                "the local log's key was lost (its meta file is missing or damaged): what it \
+                 holds before this position is read by checksum alone, and after damage there \
+                 the reader resumes only at the next 32 KiB block"
+            );
+        }
         let active = OpenOptions::new()
             .append(true)
-            .open(segment_path(&config.dir, last))
+            .open(segment_path(&config.dir, *segments.last().unwrap_or(&end)))
             .map_err(io_err)?;
         // Everything before the first segment was stored and deleted.
         let stored = checkpoint.clamp(segments[0], end);
@@ -182,7 +233,9 @@ impl Journal {
         let (failure, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             config,
-            log_id,
+            log_id: log_meta.id,
+            key: log_meta.key,
+            keyed_from: log_meta.keyed_from,
             tail: Mutex::new(Tail {
                 segments,
                 active: Arc::new(active),
@@ -241,7 +294,8 @@ impl Journal {
             if let Some(reason) = self.failure() {
                 return Err(AppendError::Failed(reason));
             }
-            let mut bytes = frame_all(&bodies, &ends, tail.end - tail.base());
+            let key = &self.shared.key;
+            let mut bytes = frame_all(&bodies, &ends, key, tail.base(), tail.end - tail.base());
             let pending = tail.end - self.shared.stored.load(Ordering::Acquire);
             if pending + bytes.len() as u64 > self.shared.config.max_bytes {
                 return Err(AppendError::Full {
@@ -252,7 +306,7 @@ impl Journal {
             let offset = tail.end - tail.base();
             if offset > 0 && offset + bytes.len() as u64 > self.shared.config.segment_bytes {
                 self.roll(&mut tail)?;
-                bytes = frame_all(&bodies, &ends, 0);
+                bytes = frame_all(&bodies, &ends, key, tail.base(), 0);
             }
             if let Err(e) = (&*tail.active).write_all(&bytes) {
                 // A partial write would leave half a record that later appends follow; cut it.
@@ -435,6 +489,11 @@ impl Journal {
 }
 
 impl Shared {
+    /// How the segment based at `base` is read.
+    fn framing(&self, base: u64) -> Framing {
+        framing_of(&self.key, self.keyed_from, base)
+    }
+
     /// Enters the failed state (once; later reasons are dropped) and wakes every waiter.
     fn fail(&self, reason: String) {
         let first = self.failure.send_if_modified(|failure| {
@@ -455,13 +514,27 @@ impl Shared {
     }
 }
 
+fn framing_of(key: &Key, keyed_from: u64, base: u64) -> Framing {
+    if base >= keyed_from {
+        Framing::Keyed(key.clone())
+    } else {
+        Framing::Unkeyed
+    }
+}
+
 /// The fragments of every body in `bodies` (ending at `ends`), to be written at `offset` into
-/// the active segment.
-fn frame_all(bodies: &[u8], ends: &[usize], offset: u64) -> Vec<u8> {
+/// the active segment, based at `base`.
+fn frame_all(bodies: &[u8], ends: &[usize], key: &Key, base: u64, offset: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(bodies.len() + ends.len() * format::HEADER_BYTES + 64);
     let mut from = 0;
     for &to in ends {
-        format::frame(&bodies[from..to], offset + out.len() as u64, &mut out);
+        format::frame(
+            &bodies[from..to],
+            key,
+            base,
+            offset + out.len() as u64,
+            &mut out,
+        );
         from = to;
     }
     out
@@ -535,7 +608,14 @@ impl JournalReader {
                 Some((open, scan)) if open == base => scan,
                 _ => {
                     let path = segment_path(&self.journal.shared.config.dir, base);
-                    SegmentScan::new(File::open(path)?, segment_end - base, max_bytes)
+                    let framing = self.journal.shared.framing(base);
+                    SegmentScan::new(
+                        File::open(path)?,
+                        base,
+                        segment_end - base,
+                        max_bytes,
+                        framing,
+                    )
                 }
             };
             scan.set_len(segment_end - base);
@@ -732,45 +812,15 @@ fn read_checkpoint(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn read_or_create_meta(dir: &Path) -> io::Result<String> {
-    let path = dir.join("meta");
-    if let Ok(text) = fs::read_to_string(&path) {
-        let id = text.trim();
-        if !id.is_empty() {
-            return Ok(id.to_owned());
-        }
-    }
-    let id = format!("{:016x}", rand::random::<u64>());
-    let tmp = dir.join("meta.tmp");
-    let mut file = File::create(&tmp)?;
-    writeln!(file, "{id}")?;
-    file.sync_data()?;
-    fs::rename(tmp, path)?;
-    sync_dir(dir)?;
-    Ok(id)
-}
-
 /// Scans the active segment and cuts it after its last intact record: only a torn tail goes,
 /// never intact records after damage. Returns the kept length.
-fn recover_tail(path: &Path) -> io::Result<u64> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut scan = SegmentScan::new(file, len, 1 << 20);
-    // Damage is only known to be kept (not part of the tail) once an intact record follows.
-    let (mut at, mut valid, mut damaged, mut kept_damage) = (0, 0, 0, 0);
-    loop {
-        match scan.next(at)? {
-            Event::Record { end, .. } => {
-                kept_damage += std::mem::take(&mut damaged);
-                valid = end;
-                at = end;
-            }
-            Event::Damage { start, end } => {
-                damaged += end - start;
-                at = end;
-            }
-            Event::End => break,
-        }
+fn recover_tail(path: &Path, base: u64, framing: Framing) -> io::Result<u64> {
+    let (mut valid, len, kept_damage) = intact_end(path, base, framing.clone())?;
+    if let Framing::Keyed(_) = framing {
+        // Nothing a CRC alone can still read is cut: under a wrong key (a meta file copied from
+        // another log) every fragment looks damaged, and the records must stay on disk for the
+        // right one.
+        valid = valid.max(intact_end(path, base, Framing::Unkeyed)?.0);
     }
     if valid < len {
         tracing::warn!(
@@ -789,6 +839,31 @@ fn recover_tail(path: &Path) -> io::Result<u64> {
         );
     }
     Ok(valid)
+}
+
+/// The end of the last intact record in a segment, the segment's length, and the damaged bytes
+/// before that end.
+fn intact_end(path: &Path, base: u64, framing: Framing) -> io::Result<(u64, u64, u64)> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut scan = SegmentScan::new(file, base, len, 1 << 20, framing);
+    // Damage is only known to be kept (not part of the tail) once an intact record follows.
+    let (mut at, mut valid, mut damaged, mut kept_damage) = (0, 0, 0, 0);
+    loop {
+        match scan.next(at)? {
+            Event::Record { end, .. } => {
+                kept_damage += std::mem::take(&mut damaged);
+                valid = end;
+                at = end;
+            }
+            Event::Damage { start, end } => {
+                damaged += end - start;
+                at = end;
+            }
+            Event::End => break,
+        }
+    }
+    Ok((valid, len, kept_damage))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Scanning one segment file: a window of it held in memory, grown when a record runs past its
 //! end, and `format::scan` run over it. Used by the reader and by recovery at open. It knows
-//! nothing of LSNs or of other segments; the caller says how long the segment is.
+//! nothing of other segments; the caller says where the segment begins in the log, how long it
+//! is and how its fragments are checked.
 
 use std::fmt;
 use std::fs::File;
@@ -9,7 +10,7 @@ use std::os::unix::fs::FileExt as _;
 
 use bytes::Bytes;
 
-use super::format::{self, BLOCK_BYTES, Scan};
+use super::format::{self, BLOCK_BYTES, Framing, Scan};
 
 /// What a segment holds from a position on, in segment offsets.
 #[derive(Debug)]
@@ -24,6 +25,9 @@ pub enum Event {
 
 pub struct SegmentScan {
     file: File,
+    /// The log position of the segment's first byte.
+    base: u64,
+    framing: Framing,
     /// The segment's length as far as the caller knows (the log's end, for the active one).
     len: u64,
     /// How much to read at a time.
@@ -38,6 +42,7 @@ pub struct SegmentScan {
 impl fmt::Debug for SegmentScan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SegmentScan")
+            .field("base", &self.base)
             .field("len", &self.len)
             .field("from", &self.from)
             .field("window", &self.bytes.len())
@@ -46,9 +51,11 @@ impl fmt::Debug for SegmentScan {
 }
 
 impl SegmentScan {
-    pub fn new(file: File, len: u64, chunk: usize) -> Self {
+    pub fn new(file: File, base: u64, len: u64, chunk: usize, framing: Framing) -> Self {
         Self {
             file,
+            base,
+            framing,
             len,
             chunk: chunk.max(BLOCK_BYTES).next_multiple_of(BLOCK_BYTES),
             from: 0,
@@ -75,7 +82,8 @@ impl SegmentScan {
         loop {
             let complete = self.short || self.window_end() >= self.len;
             let rel = (at - self.from) as usize;
-            match format::scan(&self.bytes, rel, complete) {
+            let lsn = self.base + self.from;
+            match format::scan(&self.bytes, lsn, rel, complete, &self.framing) {
                 Scan::Record { start, end, body } => {
                     return Ok(Event::Record {
                         start: self.from + start as u64,
@@ -98,7 +106,8 @@ impl SegmentScan {
                 }
                 Scan::End => return Ok(Event::End),
                 Scan::NeedMore => {
-                    // A record longer than the window: read again from its block, twice as much.
+                    // A record longer than the window, or a search for the next intact fragment
+                    // that ran into its end: read again from its block, twice as much.
                     let floor = at - at % BLOCK_BYTES as u64;
                     let have = (self.window_end() - floor) as usize;
                     self.load(floor, (have * 2).max(self.chunk))?;

@@ -109,13 +109,19 @@ fn first_segment(dir: &Path) -> PathBuf {
     segment_path(dir, list_segments(dir, EXTENSION).unwrap()[0])
 }
 
+/// The key `dir`'s meta holds.
+fn key_of(dir: &Path) -> Key {
+    meta::read(dir).key.expect("the log has a key").0
+}
+
 /// Each record's extent (LSN of its first byte, LSN past its last), from a scan of a clean log.
-fn extents(dir: &Path) -> Vec<(u64, u64)> {
+fn record_extents(journal: &Journal) -> Vec<(u64, u64)> {
+    let dir = &journal.shared.config.dir;
     let mut out = Vec::new();
     for base in list_segments(dir, EXTENSION).unwrap() {
         let file = File::open(segment_path(dir, base)).unwrap();
         let len = file.metadata().unwrap().len();
-        let mut scan = SegmentScan::new(file, len, 1 << 20);
+        let mut scan = SegmentScan::new(file, base, len, 1 << 20, journal.shared.framing(base));
         let mut at = 0;
         loop {
             match scan.next(at).unwrap() {
@@ -131,79 +137,146 @@ fn extents(dir: &Path) -> Vec<(u64, u64)> {
     out
 }
 
-/// Overwrites 64 bytes from `lsn` with random ones.
+/// Overwrites the 64 bytes from `lsn` with random ones, each unlike the byte it replaces (so
+/// that the bytes overlapped are the bytes changed).
 fn overwrite_64(dir: &Path, lsn: u64, seed: u64) {
     let bases = list_segments(dir, EXTENSION).unwrap();
     let base = *bases.iter().rev().find(|&&b| b <= lsn).unwrap();
-    let mut noise = [0_u8; 64];
-    rand::rngs::StdRng::seed_from_u64(seed).fill(&mut noise[..]);
     let file = OpenOptions::new()
+        .read(true)
         .write(true)
         .open(segment_path(dir, base))
         .unwrap();
     assert!(lsn - base + 64 <= file.metadata().unwrap().len());
-    file.write_all_at(&noise, lsn - base).unwrap();
+    let mut bytes = [0_u8; 64];
+    file.read_exact_at(&mut bytes, lsn - base).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for byte in &mut bytes {
+        *byte ^= rng.random_range(1..=u8::MAX);
+    }
+    file.write_all_at(&bytes, lsn - base).unwrap();
 }
 
-/// What 64 damaged bytes at `lsn` may cost, by record index: `touched`, the records those bytes
-/// overlap; `lost`, every record with a byte between them and the end of the block the last of
-/// them is in (a reader can trust nothing in a block after damage until the next boundary).
-fn cost(extents: &[(u64, u64)], bases: &[u64], lsn: u64) -> (BTreeSet<usize>, BTreeSet<usize>) {
+/// Where 64 bytes overlap the last 20 bytes of an ordinary reading and the head of the next
+/// one: the first such pair at or after `near`. (Most of a mixed log's bytes are in its large
+/// records, so an arbitrary position mostly hits one of those.)
+fn between_small(extents: &[(u64, u64)], near: u64) -> u64 {
+    let small = |i: usize| extents[i].1 - extents[i].0 < 1000;
+    let i = (0..extents.len() - 1)
+        .find(|&i| extents[i].0 >= near && small(i) && small(i + 1))
+        .expect("ordinary readings after the position");
+    extents[i].1 - 20
+}
+
+/// The block boundaries among ordinary readings: inside one (its FIRST and LAST fragments on
+/// either side) or between two.
+fn small_boundaries(extents: &[(u64, u64)], bases: &[u64]) -> Vec<u64> {
+    let small = |i: usize| extents[i].1 - extents[i].0 < 1000;
+    (1..extents.len() - 1)
+        .filter(|&i| small(i - 1) && small(i) && small(i + 1))
+        .filter_map(|i| {
+            let (start, end) = extents[i];
+            let base = *bases.iter().rev().find(|&&b| b <= start).unwrap();
+            let boundary = base + (start - base).next_multiple_of(BLOCK_BYTES as u64);
+            (base < boundary && boundary < end).then_some(boundary)
+        })
+        .collect()
+}
+
+/// How a reader resumes after damage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resync {
+    /// At the next fragment whose tag verifies: the damage costs the records it overlaps.
+    Tagged,
+    /// At the next block boundary (no key): it costs every record with a byte between the
+    /// first damaged byte and the end of the block the last one is in.
+    Block,
+}
+
+/// What 64 damaged bytes at `lsn` cost, by record index.
+fn lost(extents: &[(u64, u64)], bases: &[u64], lsn: u64, resync: Resync) -> BTreeSet<usize> {
     let last = lsn + 63;
-    let base = *bases.iter().rev().find(|&&b| b <= last).unwrap();
-    let block_end = base + ((last - base) / BLOCK_BYTES as u64 + 1) * BLOCK_BYTES as u64;
-    let within = |from: u64, to: u64| {
-        extents
-            .iter()
-            .enumerate()
-            .filter(move |(_, (start, end))| *end > from && *start < to)
-            .map(|(i, _)| i)
-            .collect::<BTreeSet<usize>>()
+    let to = match resync {
+        Resync::Tagged => last + 1,
+        Resync::Block => {
+            let base = *bases.iter().rev().find(|&&b| b <= last).unwrap();
+            base + ((last - base) / BLOCK_BYTES as u64 + 1) * BLOCK_BYTES as u64
+        }
     };
-    (within(lsn, last + 1), within(lsn, block_end))
+    extents
+        .iter()
+        .enumerate()
+        .filter(|(_, (start, end))| *end > lsn && *start < to)
+        .map(|(i, _)| i)
+        .collect()
 }
 
-/// Damages `journal`'s log at each of `at` (64 bytes each, far apart), reopens it if `reopen`
-/// (the active segment: recovery must keep what follows the damage), reads it all, and checks
-/// that exactly the records the damage cost are missing, and their bytes counted.
+/// What `damage_and_check` does between the damage and the reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Then {
+    /// Read with the log as it is (damage in sealed segments, or found by a live reader).
+    Read,
+    /// Reopen first: recovery of the active segment must keep what follows the damage.
+    Reopen,
+    /// Reopen with the key gone from the meta (which keeps the id): what was written before
+    /// is read by CRC alone.
+    ReopenWithoutKey,
+}
+
+/// Damages `journal`'s log at each of `at` (64 bytes each, far apart), does `then`, reads it
+/// all, and checks that exactly the records the damage cost are missing, and their bytes
+/// counted.
 // What the damage cost is printed for the test log, as the integration tests do.
 #[allow(clippy::print_stderr)]
-fn damage_and_check(
-    dir: &Path,
-    journal: Journal,
-    written: &[Captured],
-    at: &[u64],
-    reopen: bool,
-    case: &str,
-) {
-    let extents = extents(dir);
+fn damage_and_check(journal: Journal, written: &[Captured], at: &[u64], then: Then, case: &str) {
+    let dir = journal.shared.config.dir.clone();
+    let extents = record_extents(&journal);
     assert_eq!(extents.len(), written.len());
-    let bases = list_segments(dir, EXTENSION).unwrap();
-    let (mut touched, mut lost) = (BTreeSet::new(), BTreeSet::new());
+    let bases = list_segments(&dir, EXTENSION).unwrap();
+    let resync = if then == Then::ReopenWithoutKey {
+        Resync::Block
+    } else {
+        Resync::Tagged
+    };
+    let (mut touched, mut lost_all) = (BTreeSet::new(), BTreeSet::new());
     // Each damage costs a contiguous run of records; what it counts as corrupt lies within
     // that run, plus the trailer of its block.
     let mut bound = 0;
     for (seed, &lsn) in at.iter().enumerate() {
-        overwrite_64(dir, lsn, seed as u64);
-        let (t, l) = cost(&extents, &bases, lsn);
+        overwrite_64(&dir, lsn, seed as u64);
+        let l = lost(&extents, &bases, lsn, resync);
         let first = l.iter().map(|&i| extents[i].0).min().unwrap();
         let last = l.iter().map(|&i| extents[i].1).max().unwrap();
         bound += last - first + format::HEADER_BYTES as u64;
-        touched.extend(t);
-        lost.extend(l);
+        touched.extend(lost(&extents, &bases, lsn, Resync::Tagged));
+        lost_all.extend(l);
     }
     let end = journal.end();
-    let journal = if reopen {
+    let journal = if then == Then::Read {
+        journal
+    } else {
+        let (id, segments) = (journal.log_id().to_owned(), journal.segment_count());
         journal.shutdown();
         drop(journal);
-        let journal = Journal::open(journal_config_of(dir)).unwrap();
+        if then == Then::ReopenWithoutKey {
+            fs::write(dir.join("meta"), format!("{id}\n")).unwrap();
+        }
+        let journal = Journal::open(journal_config_of(&dir)).unwrap();
         assert_eq!(
             journal.end(),
             end,
             "recovery cut intact records after the damage"
         );
-        journal
-    } else {
+        assert_eq!(journal.log_id(), id);
+        if then == Then::ReopenWithoutKey {
+            assert_eq!(
+                journal.segment_count(),
+                segments + 1,
+                "new records go to a segment of their own, under a new key"
+            );
+            let (_, keyed_from) = meta::read(&dir).key.unwrap();
+            assert_eq!(keyed_from, end);
+        }
         journal
     };
     let mut reader = journal.reader();
@@ -212,17 +285,22 @@ fn damage_and_check(
         .iter()
         .zip(written)
         .enumerate()
-        .filter(|(i, _)| !lost.contains(i))
+        .filter(|(i, _)| !lost_all.contains(i))
         .map(|(_, ((start, _), message))| (*start, message))
         .collect();
     let got: Vec<(u64, &Captured)> = back.iter().map(|r| (r.lsn, &r.message)).collect();
-    assert_eq!(got.len(), expected.len(), "{case}: records read back");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "{case}: records read back ({} lost, {} expected lost)",
+        written.len() - got.len(),
+        lost_all.len()
+    );
     assert!(
         got == expected,
         "{case}: another record than the damaged ones went missing"
     );
-    assert!(touched.is_subset(&lost));
-    // Every damaged byte is counted, but those that fell in a block trailer (under 7).
+    // Every damaged byte is counted, but those that fell in a block trailer.
     let trailers = (format::HEADER_BYTES as u64 - 1) * at.len() as u64;
     assert!(reader.corrupt_bytes() >= 64 * at.len() as u64 - trailers);
     assert!(
@@ -231,12 +309,12 @@ fn damage_and_check(
         reader.corrupt_bytes()
     );
     eprintln!(
-        "{case}: {} x 64 bytes damaged in {} records; {} touched, {} lost with the rest of \
-         their blocks; {} corrupt bytes counted",
+        "{case}: {} x 64 bytes damaged in {} records; they overlap {}; {} lost; {} corrupt \
+         bytes counted",
         at.len(),
         written.len(),
         touched.len(),
-        lost.len(),
+        lost_all.len(),
         reader.corrupt_bytes()
     );
     journal.shutdown();
@@ -251,21 +329,31 @@ fn journal_config_of(dir: &Path) -> JournalConfig {
     }
 }
 
-/// A log of 3,000 mixed records in segments of 512 KiB, appended five at a time, then ordinary
-/// readings until the active segment holds at least six blocks.
-fn damaged_log() -> (tempfile::TempDir, Journal, Vec<Captured>) {
-    let dir = tempfile::tempdir().unwrap();
-    let journal = Journal::open(journal_config_of(dir.path())).unwrap();
-    let mut written: Vec<Captured> = (0..3000).map(mixed).collect();
+/// Appends `n` mixed records from record number `from` on, five at a time, then ordinary
+/// readings: three blocks of them at least, and until the active segment holds six blocks.
+fn fill(journal: &Journal, from: usize, n: usize) -> Vec<Captured> {
+    let mut written: Vec<Captured> = (from..from + n).map(mixed).collect();
     for chunk in written.chunks(5) {
         journal.append(chunk).unwrap();
     }
     let active_len = |journal: &Journal| journal.end() - lock(&journal.shared.tail).base();
-    while active_len(&journal) < 6 * BLOCK_BYTES as u64 {
-        let more: Vec<Captured> = (written.len()..written.len() + 5).map(message).collect();
+    let mixed_end = journal.end();
+    while journal.end() - mixed_end < 3 * BLOCK_BYTES as u64
+        || active_len(journal) < 6 * BLOCK_BYTES as u64
+    {
+        let next = from + written.len();
+        let more: Vec<Captured> = (next..next + 5).map(message).collect();
         journal.append(&more).unwrap();
         written.extend(more);
     }
+    written
+}
+
+/// A log of 3,000 mixed records in segments of 512 KiB, then ordinary readings (`fill`).
+fn damaged_log() -> (tempfile::TempDir, Journal, Vec<Captured>) {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(journal_config_of(dir.path())).unwrap();
+    let written = fill(&journal, 0, 3000);
     assert!(journal.segment_count() >= 4);
     (dir, journal, written)
 }
@@ -346,65 +434,67 @@ fn a_torn_tail_is_cut_and_appends_continue_after_it() {
         segment_bytes: 1 << 20,
         ..config(dir.path())
     };
-    // A short record, and one spanning three blocks, each torn in turn.
-    for (n, torn) in [message(3), mixed(7)].into_iter().enumerate() {
-        let written = {
-            let journal = Journal::open(config.clone()).unwrap();
-            journal.append(&[message(1), message(2)]).unwrap();
-            journal.shutdown();
-            let mut reader = journal.reader();
-            read_all(&mut reader)
-        };
-        let last = list_segments(dir.path(), EXTENSION).unwrap().pop().unwrap();
-        let path = segment_path(dir.path(), last);
-        let len = fs::metadata(&path).unwrap().len();
+    // A short record, and one spanning three blocks, each torn at several places: in its
+    // header, in its first fragment, halfway, one byte short.
+    let mut torn_cases = 0;
+    for torn in [message(3), mixed(7)] {
         let mut body = Vec::new();
         format::encode_body(&torn, &mut body);
-        let mut half = Vec::new();
-        format::frame(&body, len, &mut half);
-        half.truncate(half.len() / 2);
-        OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap()
-            .write_all(&half)
-            .unwrap();
-        let journal = Journal::open(config.clone()).unwrap();
-        assert_eq!(journal.end(), last + len, "only the torn record is cut");
-        journal.append(&[message(4)]).unwrap();
-        let mut reader = journal.reader();
-        let mut expected = written.clone();
-        expected.push(message(4));
-        assert_eq!(read_all(&mut reader), expected, "case {n}");
-        assert_eq!(reader.corrupt_bytes(), 0);
-        journal.mark_stored(journal.end());
-        journal.checkpoint().unwrap();
-        journal.shutdown();
+        for cut in [3, format::HEADER_BYTES + 10, body.len() / 2, usize::MAX] {
+            let written = {
+                let journal = Journal::open(config.clone()).unwrap();
+                journal.append(&[message(1), message(2)]).unwrap();
+                journal.shutdown();
+                let mut reader = journal.reader();
+                read_all(&mut reader)
+            };
+            let last = list_segments(dir.path(), EXTENSION).unwrap().pop().unwrap();
+            let path = segment_path(dir.path(), last);
+            let len = fs::metadata(&path).unwrap().len();
+            let mut framed = Vec::new();
+            format::frame(&body, &key_of(dir.path()), last, len, &mut framed);
+            framed.truncate(cut.min(framed.len() - 1));
+            OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap()
+                .write_all(&framed)
+                .unwrap();
+            let journal = Journal::open(config.clone()).unwrap();
+            assert_eq!(journal.end(), last + len, "only the torn record is cut");
+            journal.append(&[message(4)]).unwrap();
+            let mut reader = journal.reader();
+            let mut expected = written.clone();
+            expected.push(message(4));
+            assert_eq!(read_all(&mut reader), expected, "torn at {cut}");
+            assert_eq!(reader.corrupt_bytes(), 0);
+            journal.mark_stored(journal.end());
+            journal.checkpoint().unwrap();
+            journal.shutdown();
+            torn_cases += 1;
+        }
     }
+    assert_eq!(torn_cases, 8);
 }
 
 #[test]
-fn damage_in_the_middle_of_a_sealed_segment_costs_only_its_block() {
+fn damage_in_the_middle_of_a_sealed_segment_costs_only_the_records_it_touches() {
     let (dir, journal, written) = damaged_log();
     let bases = list_segments(dir.path(), EXTENSION).unwrap();
-    // Inside blocks, several blocks apart, in the first (sealed) segment and the next.
-    let at: Vec<u64> = [
-        3 * BLOCK_BYTES + 1000,
-        7 * BLOCK_BYTES + 20_001,
-        12 * BLOCK_BYTES + 333,
-    ]
-    .iter()
-    .map(|&off| bases[0] + off as u64)
-    .chain([bases[1] + 5 * BLOCK_BYTES as u64 + 12_345])
-    .collect();
-    damage_and_check(
-        dir.path(),
-        journal,
-        &written,
-        &at,
-        false,
-        "sealed, mid-block",
-    );
+    let extents = record_extents(&journal);
+    // Inside blocks, several blocks apart, in the first (sealed) segment and the next: where
+    // they fall, and across two ordinary readings.
+    let block = |segment: usize, n: u64| bases[segment] + n * BLOCK_BYTES as u64;
+    let at = [
+        block(0, 3) + 1000,
+        block(0, 7) + 20_001,
+        block(0, 12) + 333,
+        block(1, 5) + 12_345,
+        between_small(&extents, block(0, 2)),
+        between_small(&extents, block(0, 9) + 5000),
+        between_small(&extents, block(1, 1)),
+    ];
+    damage_and_check(journal, &written, &at, Then::Read, "sealed, mid-block");
 }
 
 #[test]
@@ -419,46 +509,55 @@ fn damage_in_the_middle_of_the_active_segment_survives_recovery() {
         len > 4 * BLOCK_BYTES as u64,
         "the active segment is long enough to damage"
     );
-    let at = [active + BLOCK_BYTES as u64 + 777, active + len / 2];
-    damage_and_check(
-        dir.path(),
-        journal,
-        &written,
-        &at,
-        true,
-        "active, mid-block",
-    );
+    let extents = record_extents(&journal);
+    let at = [
+        active + BLOCK_BYTES as u64 + 777,
+        active + len / 2,
+        between_small(&extents, active + 3 * BLOCK_BYTES as u64),
+    ];
+    damage_and_check(journal, &written, &at, Then::Reopen, "active, mid-block");
 }
 
 #[test]
-fn damage_across_block_boundaries_costs_both_blocks_at_most() {
+fn damage_across_block_boundaries_costs_only_the_records_it_touches() {
     let (dir, journal, written) = damaged_log();
     let bases = list_segments(dir.path(), EXTENSION).unwrap();
+    let extents = record_extents(&journal);
     let boundary = |base: u64, block: u64| base + block * BLOCK_BYTES as u64 - 32;
+    let small = small_boundaries(&extents, &bases);
+    // Where they fall, and where ordinary readings meet at a boundary.
     let at = [
         boundary(bases[0], 4),
         boundary(bases[0], 9),
         bases[1] + 2 * BLOCK_BYTES as u64,
+        small[0] - 32,
+        small[small.len() / 3] - 32,
+        small[small.len() / 2] - 40,
     ];
     damage_and_check(
-        dir.path(),
         journal,
         &written,
         &at,
-        false,
+        Then::Read,
         "sealed, block boundaries",
     );
     let (dir, journal, written) = damaged_log();
-    let active = *list_segments(dir.path(), EXTENSION)
-        .unwrap()
-        .last()
-        .unwrap();
+    let bases = list_segments(dir.path(), EXTENSION).unwrap();
+    let extents = record_extents(&journal);
+    let active = *bases.last().unwrap();
+    let at = [
+        boundary(active, 2),
+        *small_boundaries(&extents, &bases)
+            .iter()
+            .find(|&&b| b > active + 3 * BLOCK_BYTES as u64)
+            .unwrap()
+            - 32,
+    ];
     damage_and_check(
-        dir.path(),
         journal,
         &written,
-        &[boundary(active, 2)],
-        true,
+        &at,
+        Then::Reopen,
         "active, block boundary",
     );
 }
@@ -466,27 +565,168 @@ fn damage_across_block_boundaries_costs_both_blocks_at_most() {
 #[test]
 fn damage_inside_a_record_spanning_blocks_costs_that_record_alone() {
     let (dir, journal, written) = damaged_log();
-    let extents = extents(dir.path());
-    // The 100 KB records each span four blocks: damage the middle of each of a few.
-    let big: Vec<usize> = (0..written.len()).filter(|n| n % 50 == 7).collect();
-    let at: Vec<u64> = big
+    let extents = record_extents(&journal);
+    // The 100 KB records each span four blocks: damage the middle of each of a few, and the
+    // first block boundary inside one (its FIRST fragment's end and its first MIDDLE's header).
+    let big: Vec<usize> = (0..written.len())
+        .filter(|&i| extents[i].1 - extents[i].0 > 3 * BLOCK_BYTES as u64)
+        .collect();
+    assert_eq!(big.len(), 60);
+    let mut at: Vec<u64> = big
         .iter()
         .step_by(9)
         .map(|&i| (extents[i].0 + extents[i].1) / 2)
         .collect();
     let bases = list_segments(dir.path(), EXTENSION).unwrap();
+    let (start, _) = extents[big[4]];
+    let base = *bases.iter().rev().find(|&&b| b <= start).unwrap();
+    at.push(base + (start - base + 1).next_multiple_of(BLOCK_BYTES as u64) - 20);
     for &lsn in &at {
-        let (_, lost) = cost(&extents, &bases, lsn);
-        assert_eq!(lost.len(), 1, "a block wholly inside one record");
+        let lost = lost(&extents, &bases, lsn, Resync::Tagged);
+        assert_eq!(lost.len(), 1, "the damage lies inside one record");
     }
     damage_and_check(
-        dir.path(),
         journal,
         &written,
         &at,
-        false,
+        Then::Read,
         "inside spanning records",
     );
+}
+
+#[test]
+fn a_log_whose_key_is_lost_is_read_and_resyncs_at_block_boundaries() {
+    let (dir, journal, written) = damaged_log();
+    let bases = list_segments(dir.path(), EXTENSION).unwrap();
+    let active = *bases.last().unwrap();
+    let extents = record_extents(&journal);
+    let at = [
+        bases[0] + 3 * BLOCK_BYTES as u64 + 1000,
+        bases[1] + 5 * BLOCK_BYTES as u64 + 12_345,
+        between_small(&extents, bases[0] + 9 * BLOCK_BYTES as u64),
+        active + BLOCK_BYTES as u64 + 777,
+    ];
+    damage_and_check(journal, &written, &at, Then::ReopenWithoutKey, "key lost");
+    // The new key tags what is written from then on: damage there costs only what it touches.
+    let journal = Journal::open(journal_config_of(dir.path())).unwrap();
+    let end = journal.end();
+    journal.mark_stored(end);
+    journal.checkpoint().unwrap();
+    assert_eq!(
+        journal.segment_count(),
+        1,
+        "only the new key's segment is left"
+    );
+    let written = fill(&journal, 10_000, 600);
+    let bases = list_segments(dir.path(), EXTENSION).unwrap();
+    let active = *bases.last().unwrap();
+    let extents = record_extents(&journal);
+    let at = [
+        bases[0] + 2 * BLOCK_BYTES as u64 + 500,
+        between_small(&extents, bases[0] + 4 * BLOCK_BYTES as u64),
+        active + BLOCK_BYTES as u64 + 300,
+    ];
+    damage_and_check(journal, &written, &at, Then::Reopen, "under a new key");
+}
+
+#[test]
+fn a_meta_from_another_log_cuts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    Journal::open(config(other.path())).unwrap().shutdown();
+    let written: Vec<Captured> = (0..50).map(message).collect();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    journal.append(&written).unwrap();
+    let end = journal.end();
+    journal.shutdown();
+    drop(journal);
+    let own = fs::read(dir.path().join("meta")).unwrap();
+    // Under another log's key every fragment looks damaged: skipped, but kept on disk.
+    fs::copy(other.path().join("meta"), dir.path().join("meta")).unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    assert_eq!(journal.end(), end, "recovery cut records a CRC still reads");
+    let mut reader = journal.reader();
+    assert!(read_all(&mut reader).is_empty());
+    assert_eq!(reader.corrupt_bytes(), end);
+    journal.shutdown();
+    drop(journal);
+    fs::write(dir.path().join("meta"), own).unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    assert_eq!(read_all(&mut journal.reader()), written);
+}
+
+/// A FULL fragment of `body` as a publisher could forge it for log position `lsn`: the CRC
+/// right, but not the tag, which takes the key.
+fn forge(lsn: u64, body: &[u8]) -> Vec<u8> {
+    let mut fragment = vec![0; 12];
+    fragment.extend_from_slice(&(body.len() as u16).to_le_bytes());
+    fragment.push(1);
+    fragment.extend_from_slice(body);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&lsn.to_le_bytes());
+    crc.update(&fragment[4..]);
+    fragment[..4].copy_from_slice(&crc.finalize().to_le_bytes());
+    fragment
+}
+
+#[test]
+fn a_fragment_forged_in_a_payload_is_never_read_after_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = JournalConfig {
+        segment_bytes: 1 << 20,
+        ..config(dir.path())
+    };
+    let journal = Journal::open(config.clone()).unwrap();
+    journal.append(&[message(1)]).unwrap();
+    // The next reading's payload holds, 100 bytes in, a fragment forged for the very position
+    // it lands on.
+    let host_lsn = journal.end();
+    let topic = Bytes::from_static(b"sensors/temperature");
+    let lands = host_lsn + (format::HEADER_BYTES + 15 + topic.len() + 100) as u64;
+    let forged = message(666);
+    let mut body = Vec::new();
+    format::encode_body(&forged, &mut body);
+    let mut payload = vec![b' '; 100];
+    payload.extend_from_slice(&forge(lands, &body));
+    payload.extend_from_slice(&[b' '; 100]);
+    let host = Captured::new(
+        Timestamp::from_millis(1_700_000_000_000).unwrap(),
+        topic,
+        Bytes::from(payload),
+        16 * 1024,
+    );
+    journal.append(&[host, message(2), message(3)]).unwrap();
+    let segment = first_segment(dir.path());
+    let len = fs::metadata(&segment).unwrap().len();
+    // A control: read from where it lands without the key, the forgery is a record.
+    let mut scan = SegmentScan::new(
+        File::open(&segment).unwrap(),
+        0,
+        len,
+        1 << 20,
+        Framing::Unkeyed,
+    );
+    let Event::Record { body, .. } = scan.next(lands).unwrap() else {
+        panic!("the forgery is not well-formed");
+    };
+    assert_eq!(format::decode_body(&body), Some(forged.clone()));
+
+    // Damage the host's length: the reader searches its payload for the next record.
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    file.write_all_at(&[0xff], host_lsn + 12).unwrap();
+    let mut reader = journal.reader();
+    let back = read_all(&mut reader);
+    assert_eq!(back, vec![message(1), message(2), message(3)]);
+    // Without the key, the reader resumes at the next block boundary (here the end), which
+    // is never inside a payload.
+    let id = journal.log_id().to_owned();
+    journal.shutdown();
+    drop(journal);
+    fs::write(dir.path().join("meta"), format!("{id}\n")).unwrap();
+    let journal = Journal::open(config).unwrap();
+    let back = read_all(&mut journal.reader());
+    assert_eq!(back, vec![message(1)]);
+    assert!(!back.contains(&forged));
 }
 
 #[test]
@@ -526,7 +766,7 @@ fn a_body_of_an_unknown_version_is_damage_and_the_next_record_is_read() {
     format::encode_body(&message(2), &mut body);
     body[0] = 2;
     let mut framed = Vec::new();
-    format::frame(&body, len, &mut framed);
+    format::frame(&body, &key_of(dir.path()), 0, len, &mut framed);
     OpenOptions::new()
         .append(true)
         .open(&path)
@@ -787,6 +1027,74 @@ fn write_legacy(dir: &Path, segments: &[&[Captured]], checkpoint: u64) -> Vec<u6
     lsns
 }
 
+/// Writes a log in the second format (untagged blocks), as an earlier build left it: a meta
+/// with the id alone, `segments` of records, and a checkpoint. Returns the records' positions.
+fn write_second(dir: &Path, segments: &[&[Captured]], checkpoint: u64) -> Vec<u64> {
+    fs::write(dir.join("meta"), "0123456789abcdef\n").unwrap();
+    let mut base = 0;
+    let mut lsns = Vec::new();
+    for records in segments {
+        let mut bytes = Vec::new();
+        for record in *records {
+            let mut body = Vec::new();
+            format::encode_body(record, &mut body);
+            lsns.push(base + format::frame_v1(&body, bytes.len() as u64, &mut bytes));
+        }
+        fs::write(dir.join(format!("{base:020}.wal")), &bytes).unwrap();
+        base += bytes.len() as u64;
+    }
+    fs::write(dir.join("checkpoint"), format!("{checkpoint}\n")).unwrap();
+    lsns
+}
+
+#[test]
+fn a_log_in_the_second_format_is_converted_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // With records spanning blocks (every 50th, from the 7th).
+    let written: Vec<Captured> = (0..120).map(mixed).collect();
+    let lsns = write_second(dir.path(), &[&written[..40], &written[40..]], 0);
+    fs::write(dir.path().join("checkpoint"), format!("{}\n", lsns[13])).unwrap();
+    // A torn record at the end of the last segment, as a crash leaves it.
+    let last = dir.path().join(format!("{:020}.wal", lsns[40]));
+    let mut bytes = fs::read(&last).unwrap();
+    let mut body = Vec::new();
+    format::encode_body(&mixed(107), &mut body);
+    let mut torn = Vec::new();
+    format::frame_v1(&body, bytes.len() as u64, &mut torn);
+    bytes.extend_from_slice(&torn[..torn.len() / 2]);
+    let old_end = lsns[40] + bytes.len() as u64;
+    fs::write(&last, bytes).unwrap();
+
+    let journal = Journal::open(config(dir.path())).unwrap();
+    for extension in [legacy::FIRST, legacy::SECOND] {
+        assert!(list_segments(dir.path(), extension).unwrap().is_empty());
+    }
+    assert_eq!(journal.log_id(), "0123456789abcdef", "the id is kept");
+    let (_, keyed_from) = meta::read(dir.path()).key.expect("a key is added");
+    assert_eq!(
+        keyed_from, 0,
+        "every segment of the current format is tagged"
+    );
+    let back = read_records(&mut journal.reader(), 1000);
+    assert_eq!(
+        back.iter().map(|r| r.message.clone()).collect::<Vec<_>>(),
+        written[13..].to_vec()
+    );
+    assert!(
+        back[0].lsn >= old_end,
+        "positions never move backwards (dead-letter ids stay unique)"
+    );
+    // Tagged: damage inside the converted log costs only the record it touches.
+    journal.shutdown();
+    drop(journal);
+    let victim = &back[20];
+    overwrite_64(dir.path(), victim.lsn + 20, 7);
+    let journal = Journal::open(config(dir.path())).unwrap();
+    let mut expected = written[13..].to_vec();
+    expected.remove(20);
+    assert_eq!(read_all(&mut journal.reader()), expected);
+}
+
 #[test]
 fn a_log_in_the_first_format_is_converted_from_its_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
@@ -808,11 +1116,7 @@ fn a_log_in_the_first_format_is_converted_from_its_checkpoint() {
     fs::write(&last, bytes).unwrap();
 
     let journal = Journal::open(config(dir.path())).unwrap();
-    assert!(
-        list_segments(dir.path(), legacy::EXTENSION)
-            .unwrap()
-            .is_empty()
-    );
+    assert!(list_segments(dir.path(), legacy::FIRST).unwrap().is_empty());
     let mut reader = journal.reader();
     let back = read_records(&mut reader, 1000);
     assert_eq!(
@@ -843,11 +1147,7 @@ fn an_interrupted_conversion_is_finished_or_redone() {
     Journal::open(config(dir.path())).unwrap().shutdown();
     write_legacy(dir.path(), &[&written], 0);
     let journal = Journal::open(config(dir.path())).unwrap();
-    assert!(
-        list_segments(dir.path(), legacy::EXTENSION)
-            .unwrap()
-            .is_empty()
-    );
+    assert!(list_segments(dir.path(), legacy::FIRST).unwrap().is_empty());
     assert_eq!(read_all(&mut journal.reader()), written);
     // Interrupted while writing the new segment: started again.
     let dir = tempfile::tempdir().unwrap();
@@ -856,4 +1156,14 @@ fn an_interrupted_conversion_is_finished_or_redone() {
     let journal = Journal::open(config(dir.path())).unwrap();
     assert_eq!(read_all(&mut journal.reader()), written);
     assert!(!dir.path().join("upgrade.tmp").exists());
+    // An earlier build's conversion of the first format into the second was interrupted in
+    // deleting its sources: the second's segments are the log.
+    let dir = tempfile::tempdir().unwrap();
+    write_legacy(dir.path(), &[&written[..3]], 0);
+    write_second(dir.path(), &[&written], 0);
+    let journal = Journal::open(config(dir.path())).unwrap();
+    assert_eq!(read_all(&mut journal.reader()), written);
+    for extension in [legacy::FIRST, legacy::SECOND] {
+        assert!(list_segments(dir.path(), extension).unwrap().is_empty());
+    }
 }

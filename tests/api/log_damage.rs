@@ -1,11 +1,11 @@
-//! A damaged local log loses only what the damage costs. Readings pile up in the log while
-//! MongoDB is down; sensorhub is killed (SIGKILL); 64 bytes in the middle of the segment file
-//! are overwritten; after a restart, every reading outside the damage is stored.
+//! A damaged local log loses only what is damaged. Readings pile up in the log while MongoDB is
+//! down; sensorhub is killed (SIGKILL); 64 random bytes in the middle of the segment file are
+//! overwritten; after a restart, every reading outside the damage is stored.
 //!
-//! The log resynchronises only at 32 KiB block boundaries (a fragment forged inside a payload
-//! must never be taken for a record), so the damage costs the records from the first damaged
-//! byte to the end of the block holding the last one. This test reads the segment itself to know
-//! which records those are, and checks that exactly they are missing.
+//! The log's reader resumes after damage at the next fragment whose keyed tag verifies (a
+//! fragment forged inside a payload has none), so the damage costs exactly the records whose
+//! bytes it changed. This test reads the segment itself to know which records those are, and
+//! checks that exactly they are missing.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt as _;
@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::helpers::{AppOptions, PATIENCE, Publisher, TestApp, reading_json, start_mongo, ts};
 
 const BLOCK: usize = 32 * 1024;
-const HEADER: usize = 7;
+const HEADER: usize = 15;
 
 /// A record as the segment holds it: its extent and the value of its reading (its number).
 struct OnDisk {
@@ -26,9 +26,9 @@ struct OnDisk {
     value: usize,
 }
 
-/// The records of an undamaged segment (block framing: `u32 crc | u16 len | u8 type | data`,
-/// types FULL 1, FIRST 2, MIDDLE 3, LAST 4; body `u8 version | i64 ms | u32 payload length |
-/// u16 topic length | topic | payload`).
+/// The records of an undamaged segment (block framing: `u32 crc | u64 tag | u16 len | u8 type |
+/// data`, types FULL 1, FIRST 2, MIDDLE 3, LAST 4; body `u8 version | i64 ms | u32 payload
+/// length | u16 topic length | topic | payload`).
 fn records_on_disk(bytes: &[u8]) -> Vec<OnDisk> {
     let record = |start: usize, end: usize, body: &[u8]| {
         let topic_len = usize::from(u16::from_le_bytes([body[13], body[14]]));
@@ -48,10 +48,10 @@ fn records_on_disk(bytes: &[u8]) -> Vec<OnDisk> {
             pos += left;
             continue;
         }
-        let len = usize::from(u16::from_le_bytes([bytes[pos + 4], bytes[pos + 5]]));
+        let len = usize::from(u16::from_le_bytes([bytes[pos + 12], bytes[pos + 13]]));
         let data = &bytes[pos + HEADER..pos + HEADER + len];
         let end = pos + HEADER + len;
-        match bytes[pos + 6] {
+        match bytes[pos + 14] {
             1 => out.push(record(pos, end, data)),
             2 => pending = Some((pos, data.to_vec())),
             3 => pending.as_mut().unwrap().1.extend_from_slice(data),
@@ -68,7 +68,7 @@ fn records_on_disk(bytes: &[u8]) -> Vec<OnDisk> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_damaged_bytes_cost_only_the_records_of_their_block() {
+async fn sixty_four_damaged_bytes_cost_only_the_records_they_overlap() {
     const READINGS: usize = 3_000;
     let mut mongo = start_mongo();
     let mut app = TestApp::spawn_with(AppOptions {
@@ -91,7 +91,7 @@ async fn sixty_four_damaged_bytes_cost_only_the_records_of_their_block() {
     let segments: Vec<_> = std::fs::read_dir(&app.journal_dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|e| e == "wal"))
+        .filter(|path| path.extension().is_some_and(|e| e == "wal2"))
         .collect();
     assert_eq!(segments.len(), 1, "{segments:?}");
     let bytes = std::fs::read(&segments[0]).unwrap();
@@ -112,22 +112,24 @@ async fn sixty_four_damaged_bytes_cost_only_the_records_of_their_block() {
         .unwrap()
         .write_all_at(&noise, at as u64)
         .unwrap();
-    let last = at + 63;
-    let block_end = (last / BLOCK + 1) * BLOCK;
-    let touched: BTreeSet<usize> = on_disk
-        .iter()
-        .filter(|r| r.end > at && r.start <= last)
-        .map(|r| r.value)
-        .collect();
+    let damaged = std::fs::read(&segments[0]).unwrap();
+    // The records whose bytes changed (a random byte may equal the one it replaced).
     let lost: BTreeSet<usize> = on_disk
         .iter()
-        .filter(|r| r.end > at && r.start < block_end)
+        .filter(|r| bytes[r.start..r.end] != damaged[r.start..r.end])
         .map(|r| r.value)
         .collect();
-    let lost_span = {
-        let of_lost = || on_disk.iter().filter(|r| lost.contains(&r.value));
-        of_lost().map(|r| r.end).max().unwrap() - of_lost().map(|r| r.start).min().unwrap()
-    };
+    assert!(
+        !lost.is_empty() && lost.len() <= 2,
+        "{} records",
+        lost.len()
+    );
+    // What the reader must count as corrupt: the lost records whole, and at most a block
+    // trailer between them.
+    let of_lost = || on_disk.iter().filter(|r| lost.contains(&r.value));
+    let lost_bytes: usize = of_lost().map(|r| r.end - r.start).sum();
+    let lost_span =
+        of_lost().map(|r| r.end).max().unwrap() - of_lost().map(|r| r.start).min().unwrap();
 
     mongo.resume();
     app.start().await;
@@ -155,13 +157,13 @@ async fn sixty_four_damaged_bytes_cost_only_the_records_of_their_block() {
     assert_eq!(
         missing,
         lost,
-        "missing: {} readings; the damage costs {} (from the damaged one to its block's end)",
+        "missing: {} readings; the damage changed the bytes of {}",
         missing.len(),
         lost.len()
     );
     let corrupt = app.metric("sensorhub_journal_corrupt_bytes_total").await;
     assert!(
-        corrupt >= 64 - (HEADER as u64 - 1),
+        corrupt >= lost_bytes as u64,
         "{corrupt} corrupt bytes counted"
     );
     assert!(
@@ -174,10 +176,9 @@ async fn sixty_four_damaged_bytes_cost_only_the_records_of_their_block() {
     );
     eprintln!(
         "log damage: 64 bytes overwritten at {at} of a {} byte segment holding {READINGS} \
-         readings; they overlap {} readings; {} lost with the rest of their 32 KiB block; {} \
-         stored; {corrupt} corrupt bytes counted",
+         readings; they changed {} readings; {} lost; {} stored; {corrupt} corrupt bytes counted",
         bytes.len(),
-        touched.len(),
+        lost.len(),
         missing.len(),
         stored.len()
     );
