@@ -210,14 +210,15 @@ impl Writer {
                 "more dead letters in this batch; see GET /deadletters"
             );
         }
+        let stored_now = || {
+            (batch.readings.iter().enumerate())
+                .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
+        };
         self.summaries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .add(&batch.readings, duplicates_in_order(&duplicates).as_slice());
-        self.live.publish(
-            (batch.readings.iter().enumerate())
-                .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r)),
-        );
+            .add(stored_now());
+        self.live.publish(stored_now());
         if batch.replayed {
             self.health.mark_dirty(&batch.readings);
         } else {
@@ -232,12 +233,6 @@ impl Writer {
         }
         self.journal.mark_stored(batch.end);
     }
-}
-
-fn duplicates_in_order(duplicates: &HashSet<usize>) -> Vec<usize> {
-    let mut positions: Vec<usize> = duplicates.iter().copied().collect();
-    positions.sort_unstable();
-    positions
 }
 
 /// Writes the sensor summary (`/sensors`, `/latest`) off the writer's path: every `every`, what

@@ -163,15 +163,11 @@ pub struct SummaryFold {
 }
 
 impl SummaryFold {
-    /// Adds a stored batch: `duplicates` (positions in `readings`, as `insert_readings` reported
-    /// them) were already summarised when MongoDB first stored them, and their value may differ
-    /// from the stored one (the first stored wins), so they are left out.
-    pub fn add(&mut self, readings: &[Reading], duplicates: &[usize]) {
-        let duplicates: std::collections::HashSet<usize> = duplicates.iter().copied().collect();
-        for (i, r) in readings.iter().enumerate() {
-            if duplicates.contains(&i) {
-                continue;
-            }
+    /// Adds newly stored readings. Duplicates must be left out by the caller: they were
+    /// summarised when MongoDB first stored them, and their value may differ from the stored one
+    /// (the first stored wins).
+    pub fn add<'a>(&mut self, readings: impl IntoIterator<Item = &'a Reading>) {
+        for r in readings {
             let fold = self
                 .sensors
                 .entry(r.sensor_id().clone())
@@ -417,9 +413,9 @@ mod tests {
         ];
         let mut fold = SummaryFold::default();
         // b's reading was a duplicate: already summarised when first stored.
-        fold.add(&readings[..2], &[]);
+        fold.add(&readings[..2]);
         let mut later = SummaryFold::default();
-        later.add(&readings[2..], &[1]);
+        later.add([&readings[2]]);
         fold.merge(later);
         let docs = fold.statements();
         assert_eq!(docs.len(), 1, "the duplicate adds nothing");

@@ -505,6 +505,17 @@ impl TestApp {
     }
 
     /// The value of one Prometheus counter or gauge (labels included in `name`).
+    /// The JSON body of `path` if Redis answered it (`X-Sensorhub-Source: redis`), else `None`.
+    pub async fn get_from_redis(&self, path: &str) -> Option<Value> {
+        let response = self.get(path).await;
+        let redis = response
+            .headers()
+            .get("x-sensorhub-source")
+            .is_some_and(|v| v == "redis");
+        let body: Value = response.json().await.ok()?;
+        redis.then_some(body)
+    }
+
     pub async fn metric(&self, name: &str) -> u64 {
         let text = self.get("/metrics").await.text().await.expect("metrics");
         text.lines()

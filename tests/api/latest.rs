@@ -46,7 +46,7 @@ async fn latest_ten_per_sensor_is_by_device_time_trimmed_and_never_mixed() {
     // The point is the Redis answer (the original system's cache mixed sensors up): wait until
     // that is what serves, and check every answer says so.
     app.eventually("A served from Redis", || async {
-        (source(&app, "/latestten/A").await == "redis").then_some(())
+        app.get_from_redis("/latestten/A").await.map(drop)
     })
     .await;
     for _ in 0..5 {
@@ -101,16 +101,6 @@ async fn latest_ten_per_sensor_is_by_device_time_trimmed_and_never_mixed() {
     assert_eq!(body[0]["value"], 99.0);
 }
 
-async fn source(app: &TestApp, path: &str) -> String {
-    app.get(path)
-        .await
-        .headers()
-        .get("x-sensorhub-source")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
-}
-
 /// A BME280-style device: temperature, humidity and pressure under one id at one instant are
 /// three readings, not one reading and two duplicates; a true redelivery is still one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,13 +145,10 @@ async fn one_device_reports_several_quantities_at_one_instant() {
     // Newest first over all kinds; ties at one instant in a stable order, each with its kind.
     let body = app
         .eventually("bme-1 from Redis", || async {
-            let response = app.get("/latestten/bme-1").await;
-            let redis = response
-                .headers()
-                .get("x-sensorhub-source")
-                .is_some_and(|v| v == "redis");
-            let body: Value = response.json().await.ok()?;
-            (redis && body.as_array().is_some_and(|a| a.len() == 10)).then_some(body)
+            let body = app.get_from_redis("/latestten/bme-1").await?;
+            body.as_array()
+                .is_some_and(|a| a.len() == 10)
+                .then_some(body)
         })
         .await;
     let rows = body.as_array().unwrap();

@@ -39,20 +39,15 @@ async fn publish_round(publisher: &Publisher, round: usize, first_id: usize) -> 
     id
 }
 
-async fn assert_latest_from_redis(app: &TestApp, rounds: usize) {
+async fn assert_latest_get_from_redis(app: &TestApp, rounds: usize) {
     for s in 0..SENSORS {
         let path = format!("/latestten/c{s}");
         let body: Value = app
             .eventually("the sensor's latest ten from Redis", || async {
-                let response = app.get(&path).await;
-                let redis = response
-                    .headers()
-                    .get("x-sensorhub-source")
-                    .is_some_and(|v| v == "redis");
-                let body: Value = response.json().await.ok()?;
+                let body = app.get_from_redis(&path).await?;
                 let right = body.as_array().is_some_and(|a| a.len() == 10)
                     && body[0]["timestamp"] == ts(((rounds - 1) * 1000 + s) as i64).as_str();
-                (redis && right).then_some(body)
+                right.then_some(body)
             })
             .await;
         let got: Vec<&str> = body
@@ -88,7 +83,7 @@ async fn sets_spread_over_every_master_and_survive_a_master_restart() {
     }
     publisher.wait_acked(id).await;
     app.wait_for_count((12 * SENSORS) as u64).await;
-    assert_latest_from_redis(&app, 12).await;
+    assert_latest_get_from_redis(&app, 12).await;
 
     let pattern = format!("{{{}:*}}:latest:*", app.prefix);
     let per_master: Vec<usize> = nodes.iter().map(|n| keys_on(n.port, &pattern)).collect();
@@ -113,7 +108,7 @@ async fn sets_spread_over_every_master_and_survive_a_master_restart() {
     }
     publisher.wait_acked(id).await;
     app.wait_for_count((20 * SENSORS) as u64).await;
-    assert_latest_from_redis(&app, 20).await;
+    assert_latest_get_from_redis(&app, 20).await;
     assert!(
         app.metric("sensorhub_cache_rebuilds_total").await > 0,
         "the emptied master was refilled from MongoDB"

@@ -31,20 +31,12 @@ async fn fill(app: &TestApp) {
     app.wait_for_count((SENSORS * PER_SENSOR) as u64).await;
     for s in [0, SENSORS - 1] {
         app.eventually("served from Redis before the stop", || async {
-            (source(app, &format!("/latestten/r{s}")).await == "redis").then_some(())
+            app.get_from_redis(&format!("/latestten/r{s}"))
+                .await
+                .map(drop)
         })
         .await;
     }
-}
-
-async fn source(app: &TestApp, path: &str) -> String {
-    app.get(path)
-        .await
-        .headers()
-        .get("x-sensorhub-source")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned()
 }
 
 /// Every sensor's latest ten, from Redis, exactly as published.
@@ -52,14 +44,8 @@ async fn assert_latest_right(app: &TestApp) {
     for s in 0..SENSORS {
         let path = format!("/latestten/r{s}");
         let body: Value = app
-            .eventually("served from Redis after the restart", || async {
-                let response = app.get(&path).await;
-                let redis = response
-                    .headers()
-                    .get("x-sensorhub-source")
-                    .is_some_and(|v| v == "redis");
-                let body: Value = response.json().await.ok()?;
-                redis.then_some(body)
+            .eventually("served from Redis after the restart", || {
+                app.get_from_redis(&path)
             })
             .await;
         let got: Vec<&str> = body
