@@ -215,3 +215,37 @@ async fn mqtt311_zero_length_client_id_needs_a_clean_session() {
     let (_client, connack) = connect(options(app.mqtt_port, "", true)).await;
     assert_eq!(connack.code, ConnectReturnCode::Success);
 }
+
+/// A device whose connection breaks reconnects at once with the same client id: its new
+/// connection must live, whatever order the broker learns of the two events in. (rumqttd gives
+/// the new connection the old one's freed id; the old one's late "link closed" ended the new.)
+#[tokio::test]
+async fn a_client_that_reconnects_at_once_keeps_its_new_connection() {
+    let app = TestApp::spawn().await;
+    let connect = raw_connect("hasty", true);
+    let mut previous: Option<TcpStream> = None;
+    for round in 0..200 {
+        let mut stream = TcpStream::connect(("127.0.0.1", app.mqtt_port))
+            .await
+            .unwrap();
+        // The old connection goes away without DISCONNECT as the new one arrives.
+        drop(previous.take());
+        stream.write_all(&connect).await.unwrap();
+        let mut connack = [0u8; 4];
+        timeout(PATIENCE, stream.read_exact(&mut connack))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no CONNACK"))
+            .unwrap_or_else(|e| panic!("round {round}: closed before the CONNACK: {e}"));
+        assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "round {round}");
+        // Still connected a moment later: a PINGREQ is answered.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        stream.write_all(&[0xC0, 0x00]).await.unwrap();
+        let mut pong = [0u8; 2];
+        timeout(PATIENCE, stream.read_exact(&mut pong))
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: no PINGRESP"))
+            .unwrap_or_else(|e| panic!("round {round}: the new connection was closed: {e}"));
+        assert_eq!(pong, [0xD0, 0x00], "round {round}");
+        previous = Some(stream);
+    }
+}

@@ -1,10 +1,12 @@
-// The live page: sensors from /sensors, a small chart each from /readings, then /stream.
+// The live page: sensors from /sensors (again every few seconds), a small chart each from
+// /readings, and /stream for every reading stored while it is open.
 // Plain JavaScript, no build step and nothing fetched from anywhere but this server.
 "use strict";
 
 const MAX_CARDS = 60;      // cards drawn at most (the rest are counted)
 const MAX_POINTS = 60;     // points per chart
-const HISTORY_FOR = 24;    // cards whose history is fetched at load
+const HISTORY_FOR = 24;    // cards whose history is fetched
+const SENSORS_EVERY_MS = 5000;
 const cards = new Map();   // "sensor\u0000kind" -> card state
 // Cards go stale after this without a reading (the server's default; its own judgement, from
 // /sensors, is shown at load).
@@ -75,8 +77,11 @@ function show(state, reading, flash) {
     state.when.textContent = ago(reading.timestamp);
     state.when.dataset.ts = reading.timestamp;
   }
-  state.points.push({ t, v: reading.value });
-  state.points.sort((a, b) => a.t - b.t);
+  // The same reading can come from /readings, /sensors and /stream: keep one point per instant.
+  if (!state.points.some((p) => p.t === t)) {
+    state.points.push({ t, v: reading.value });
+    state.points.sort((a, b) => a.t - b.t);
+  }
   if (state.points.length > MAX_POINTS) state.points.splice(0, state.points.length - MAX_POINTS);
   draw(state);
   if (flash) {
@@ -102,9 +107,14 @@ async function json(path) {
   return r.json();
 }
 
+let historyFetched = 0;     // cards whose history has been asked for
+
+// The sensor list: at load, then every SENSORS_EVERY_MS, since sensors that report rarely (or
+// whose summary was not yet written when the page opened) reach the page only this way.
 async function loadSensors() {
   const page = await json("/sensors?limit=" + MAX_CARDS);
   const sensors = page.sensors;
+  const before = new Set(cards.keys());
   let staleCount = 0;
   for (const s of sensors) {
     if (s.stale) staleCount++;
@@ -123,9 +133,9 @@ async function loadSensors() {
     }
   }
   staleness();
-  let n = 0;
-  for (const state of cards.values()) {
-    if (n++ >= HISTORY_FOR) break;
+  for (const [k, state] of cards) {
+    if (before.has(k) || historyFetched >= HISTORY_FOR) continue;
+    historyFetched++;
     const q = "/readings?order=desc&limit=" + MAX_POINTS + "&sensor_id=" +
       encodeURIComponent(state.root.dataset.sensor) + "&kind=" + encodeURIComponent(state.root.dataset.kind);
     json(q).then((p) => { for (const r of p.readings) show(state, r, false); }).catch(() => {});
@@ -164,7 +174,14 @@ async function status() {
   } catch (_) { /* idem */ }
 }
 
-loadSensors().catch((e) => { $("summary").textContent = "Cannot load sensors: " + e.message; }).finally(stream);
+function refresh() {
+  loadSensors().catch((e) => { $("summary").textContent = "Cannot load sensors: " + e.message; });
+}
+
+// The stream first, so that no reading stored after the sensor list was read is missed.
+stream();
+refresh();
+setInterval(refresh, SENSORS_EVERY_MS);
 status();
 setInterval(status, 5000);
 setInterval(staleness, 1000);

@@ -364,6 +364,12 @@ impl LinkRx {
         self.connection_id
     }
 
+    /// The buffer the router fills for this link: identifies the link's registration in the
+    /// router, which a connection id alone does not once ids are reused.
+    pub(crate) fn buffer(&self) -> Arc<Mutex<VecDeque<Notification>>> {
+        self.send_buffer.clone()
+    }
+
     pub fn recv(&mut self) -> Result<Option<Notification>, LinkError> {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we

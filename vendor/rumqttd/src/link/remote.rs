@@ -10,6 +10,7 @@ use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
 use std::collections::VecDeque;
 use std::io;
+use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::Duration;
 use subtle::ConstantTimeEq;
@@ -126,6 +127,11 @@ impl<P: Protocol> RemoteLink<P> {
             notifications: VecDeque::new(),
             will_delay_interval,
         })
+    }
+
+    /// The router's buffer for this link (see `Event::LinkClosed`).
+    pub(crate) fn buffer(&self) -> Arc<Mutex<VecDeque<Notification>>> {
+        self.link_rx.buffer()
     }
 
     pub async fn start(&mut self) -> Result<(), Error> {

@@ -1,9 +1,11 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     fmt,
+    sync::Arc,
 };
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -55,6 +57,11 @@ pub enum Event {
     DeviceData,
     /// Disconnection request
     Disconnect,
+    /// A remote link ended without the router's doing (the network failed, the client went
+    /// away). Carries the link's outgoing buffer: by the time the router reads this event, a
+    /// new connection with the same client id may have taken over and been given the same
+    /// connection id, and it must not be ended in the old one's place.
+    LinkClosed(Arc<Mutex<VecDeque<Notification>>>),
     /// Shadow
     Shadow(ShadowRequest),
     /// Collect and send alerts to all alerts links

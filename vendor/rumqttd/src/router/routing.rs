@@ -246,6 +246,18 @@ impl Router {
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
             Event::Disconnect => self.handle_disconnection(id, None),
+            Event::LinkClosed(buffer) => {
+                let current = self
+                    .obufs
+                    .get(id)
+                    .is_some_and(|o| Arc::ptr_eq(&o.data_buffer, &buffer));
+                if current {
+                    self.handle_disconnection(id, None)
+                } else {
+                    // The connection was already replaced (a takeover) or removed
+                    debug!(connection_id = id, "closed link is no longer registered");
+                }
+            }
             Event::Ready => self.scheduler.reschedule(id, ScheduleReason::Ready),
             Event::Shadow(request) => {
                 retrieve_shadow(&mut self.datalog, &mut self.obufs[id], request)

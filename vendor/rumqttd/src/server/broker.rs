@@ -569,6 +569,7 @@ async fn remote<P: Protocol>(
     };
 
     let connection_id = link.connection_id;
+    let buffer = link.buffer();
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
@@ -601,7 +602,7 @@ async fn remote<P: Protocol>(
     };
 
     if send_disconnect {
-        let disconnect = Event::Disconnect;
+        let disconnect = Event::LinkClosed(buffer);
         let message = (connection_id, disconnect);
         router_tx.send(message).ok();
     }
