@@ -83,12 +83,24 @@ impl Env {
 
     /// Starts sensorhub for `scenario` without waiting for it.
     pub fn launch(&self, scenario: &str) -> anyhow::Result<Hub> {
+        self.launch_with(scenario, &self.database(scenario), &[])
+    }
+
+    /// Starts a sensorhub named `instance` (its own local log, key prefix and ports) that
+    /// stores into `database`, with `extra` flags; several instances may share a database.
+    pub fn launch_with(
+        &self,
+        instance: &str,
+        database: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Hub> {
+        let scenario = instance;
         let dir = self.work.join(scenario);
         // A fresh local log: a leftover one would be replayed into the new database.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let (mqtt, mqtt5, http) = (free_addr()?, free_addr()?, free_addr()?);
-        let database = self.database(scenario);
+        let database = database.to_owned();
         let log = dir.join("sensorhub.log");
         let log_file = std::fs::File::create(&log)?;
         let mut command = Command::new(&self.sensorhub);
@@ -104,12 +116,14 @@ impl Env {
             .args(["--redis-url", &self.redis_url])
             .args([
                 "--redis-prefix",
-                &format!("bench:{}:{scenario}:", self.run_id),
+                // Instances that share a database share its cache too.
+                &format!("bench:{database}:"),
             ])
             .arg("--journal-dir")
             .arg(dir.join("journal"))
             .args(["--log-format", "json"])
             .args(&self.sensorhub_args)
+            .args(extra)
             .env("RUST_LOG", "info,rumqttd=off,poem=warn")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
@@ -167,7 +181,7 @@ impl Env {
     }
 }
 
-fn free_addr() -> anyhow::Result<SocketAddr> {
+pub fn free_addr() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("no free port")?;
     Ok(listener.local_addr()?)
 }

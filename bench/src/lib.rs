@@ -13,7 +13,7 @@
 //!   CONNECT;
 //! - `procfs`: memory and CPU of processes, from `/proc`;
 //! - one module per scenario: `ceiling`, `ingest`, `latency`, `http`, `memory`,
-//!   `outage`, `startup`;
+//!   `outage`, `startup`, `scaling`;
 //! - `report`: the final table.
 //!
 //! It measures and reports; it never changes sensorhub's settings to flatter a number.
@@ -29,6 +29,7 @@ mod memory;
 mod outage;
 mod procfs;
 mod report;
+mod scaling;
 mod startup;
 mod wrk;
 
@@ -96,6 +97,8 @@ pub enum Scenario {
     Outage,
     /// Spawn to ready.
     Startup,
+    /// 1, 2 and 3 instances on one shared subscription of an external broker.
+    Scaling,
 }
 
 impl Scenario {
@@ -108,6 +111,7 @@ impl Scenario {
             Self::Memory => "memory",
             Self::Outage => "outage",
             Self::Startup => "startup",
+            Self::Scaling => "scaling",
         }
     }
 }
@@ -288,6 +292,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Memory,
             Scenario::Outage,
             Scenario::Startup,
+            Scenario::Scaling,
         ]
     } else {
         options.only.clone()
@@ -312,6 +317,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Memory => memory::run(&env, &plan, &findings, &mut report).await,
             Scenario::Outage => outage::run(&env, &plan, &mut report).await,
             Scenario::Startup => startup::run(&env, &mut report).await,
+            Scenario::Scaling => scaling::run(&env, &plan, &mut report).await,
         };
         if let Err(e) = outcome {
             failed += 1;
