@@ -428,7 +428,8 @@ mod tests {
             21.5,
             Timestamp::parse("2024-05-01T10:00:00.5Z").unwrap(),
         )
-        .unwrap();
+        .unwrap()
+        .with_tags(crate::domain::Tags::new(vec![("site".into(), "b".into())]));
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         let object = json.as_object().unwrap();
         let mut fields: Vec<&str> = object.keys().map(String::as_str).collect();
