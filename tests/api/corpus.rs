@@ -504,16 +504,18 @@ fn the_corpus_is_large_distinct_and_labelled_as_the_decoder_judges() {
     let mut wrong = Vec::new();
     for case in &cases {
         // A message of one bad element (a `values` object's) is one element's dead letter.
-        let verdict = decode(&captured(&case.topic, &case.payload), &Limits::default())
-            .and_then(|mut d| match d.rejected.pop() {
-                Some((0, rejection)) if d.readings.is_empty() && d.rejected.is_empty() => {
-                    Err(rejection)
+        let verdict =
+            decode(&captured(&case.topic, &case.payload), &Limits::default()).and_then(|mut d| {
+                match d.rejected.pop() {
+                    Some((0, rejection)) if d.readings.is_empty() && d.rejected.is_empty() => {
+                        Err(rejection)
+                    }
+                    Some(other) => {
+                        d.rejected.push(other);
+                        Ok(d)
+                    }
+                    None => Ok(d),
                 }
-                Some(other) => {
-                    d.rejected.push(other);
-                    Ok(d)
-                }
-                None => Ok(d),
             });
         match verdict {
             Ok(reading) => wrong.push(format!("{}: accepted as {reading:?}", show(case))),
