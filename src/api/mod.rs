@@ -383,7 +383,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
     )
     .description(
         "MQTT sensor readings as queryable history. Devices publish \
-         {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind>; sensorhub stores every \
+         {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind> (or an array of them, or \
+         {\"sensor_id\", \"timestamp\", \"values\": {kind: value}}; or on topics the operator's \
+         templates name, whose levels give sensor_id, kind and tags); sensorhub stores every \
          reading in MongoDB and keeps the latest ten per sensor in Redis. Every error is \
          {\"error\": code, \"message\": text}: 400 names the bad parameter, 404 an unknown \
          sensor or path, 503 (with Retry-After) the dependency that is down.",
