@@ -56,7 +56,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(payload.len() <= limits.max_payload_bytes);
             assert!(topic.len() <= limits.max_topic_bytes);
             let elements = decoded.readings.len() + decoded.rejected.len();
-            assert!(elements >= 1, "a message that holds nothing is rejected whole");
+            assert!(
+                elements >= 1,
+                "a message that holds nothing is rejected whole"
+            );
             assert!(elements <= limits.max_batch_readings, "{elements} elements");
             let mut indexes: Vec<usize> = decoded.rejected.iter().map(|(i, _)| *i).collect();
             indexes.dedup();
@@ -95,10 +98,7 @@ fuzz_target!(|data: &[u8]| {
                     limits.max_payload_bytes,
                 );
                 let plain = reading.clone().with_tags(Tags::default());
-                assert_eq!(
-                    decode(&again, &limits).map(|d| d.readings),
-                    Ok(vec![plain])
-                );
+                assert_eq!(decode(&again, &limits).map(|d| d.readings), Ok(vec![plain]));
             }
         }
         Err(rejection) => assert!(!rejection.message.is_empty(), "{rejection:?}"),
