@@ -439,6 +439,10 @@ impl Judge<'_> {
             )
         })?;
         self.check_count(elements.len(), "batch")?;
+        // A templated topic without +kind leaves every element without one: one dead letter.
+        if let Err(no_kind) = &self.topic.kind {
+            return Err(no_kind.clone());
+        }
         if let Some((i, e)) = elements
             .iter()
             .enumerate()
@@ -1396,6 +1400,19 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.reason, Reason::MissingField);
         assert!(e.message.contains("+kind"), "{}", e.message);
+        let e = decode(
+            &captured(
+                "lab/r1/probe-1",
+                br#"[{"value":1,"timestamp":"2024-05-01T09:00:00Z"},{"value":2,"timestamp":"2024-05-01T09:00:00Z"}]"#,
+            ),
+            &limits,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.reason,
+            Reason::MissingField,
+            "one dead letter, not one per element"
+        );
         // Bad levels are the topic's fault.
         let good = br#"{"value":1,"timestamp":"2024-05-01T09:00:00Z"}"#;
         for (topic, expected) in [
