@@ -61,6 +61,7 @@ impl Application {
         let started = Instant::now();
         let limits = settings.limits()?;
         let max_payload_bytes = limits.max_payload_bytes;
+        let templates = Arc::new(limits.templates.clone());
         let mut broker_config = broker::load_config(
             &settings.broker_config,
             settings.broker_config != Settings::default().broker_config,
@@ -221,6 +222,7 @@ impl Application {
             tls: settings
                 .mqtts_listen
                 .zip(certificates.as_ref().map(Arc::clone)),
+            templates,
         };
         let (broker, simulate_to) = match external {
             None => {

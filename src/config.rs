@@ -14,10 +14,14 @@ use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::external::{self, ExternalConfig, ExternalError};
-use crate::domain::{Limits, NaiveZone, Timestamp};
+use crate::domain::{Limits, NaiveZone, Templates, Timestamp};
 use crate::journal::{FsyncPolicy, MAX_PAYLOAD_BYTES};
 use crate::store::WriteConcern;
 use crate::tls::TlsFiles;
+
+/// The most `max_batch_readings` may be: as many of the smallest readings as the largest
+/// payload holds.
+const MAX_BATCH_READINGS_LIMIT: usize = 100_000;
 
 /// Every setting of `serve`, with its default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -77,6 +81,14 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     /// Longest accepted topic, in bytes.
     pub max_topic_bytes: usize,
+    /// Most readings one message may hold: the elements of a JSON array, or the kinds of a
+    /// `values` object. A message with more is a dead letter (`batch_too_large`).
+    pub max_batch_readings: usize,
+    /// Topic templates beside `sensors/#`, such as "plant/+site/+line/+sensor_id/+kind": each
+    /// `+name` level gives the reading's sensor_id (required), kind, or a tag stored with it;
+    /// a bare `+` matches a level that is not kept. Topics they match are captured, checked
+    /// against credentials by the sensor id they name, and subscribed to in external mode.
+    pub topic_templates: Vec<String>,
     /// Readings timestamped before this instant are rejected.
     pub earliest_timestamp: String,
     /// Readings timestamped more than this many seconds after their arrival are rejected.
@@ -151,6 +163,8 @@ impl Default for Settings {
             journal_fsync_interval_ms: 5,
             max_payload_bytes: limits.max_payload_bytes,
             max_topic_bytes: limits.max_topic_bytes,
+            max_batch_readings: limits.max_batch_readings,
+            topic_templates: Vec::new(),
             earliest_timestamp: limits.earliest.to_string(),
             max_future_skew_secs: u64::try_from(limits.max_future_skew_ms / 1000).unwrap_or(86_400),
             naive_timestamp_zone: limits.naive_zone.name().to_owned(),
@@ -281,6 +295,20 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_MAX_TOPIC_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_topic_bytes: Option<usize>,
+    /// Most readings in one message (array elements, values kinds) [default: 1000]
+    #[arg(long, env = "SENSORHUB_MAX_BATCH_READINGS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_readings: Option<usize>,
+    /// A topic template such as plant/+site/+line/+sensor_id/+kind (repeat the flag, or separate
+    /// with commas in the variable) [default: none; sensors/# always works]
+    #[arg(
+        long = "topic-template",
+        env = "SENSORHUB_TOPIC_TEMPLATES",
+        value_delimiter = ',',
+        value_name = "TEMPLATE"
+    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic_templates: Option<Vec<String>>,
     /// Earliest accepted reading timestamp [default: 2000-01-01T00:00:00Z]
     #[arg(long, env = "SENSORHUB_EARLIEST_TIMESTAMP")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -432,6 +460,11 @@ impl Settings {
                 "max_payload_bytes must be between 1 and {MAX_PAYLOAD_BYTES}"
             ));
         }
+        if self.max_batch_readings == 0 || self.max_batch_readings > MAX_BATCH_READINGS_LIMIT {
+            return fail(format!(
+                "max_batch_readings must be between 1 and {MAX_BATCH_READINGS_LIMIT}"
+            ));
+        }
         if self.dead_letter_ttl_days == 0 {
             return fail("dead_letter_ttl_days must be at least 1".into());
         }
@@ -484,6 +517,7 @@ impl Settings {
             share_group: self.share_group.clone(),
             client_id,
             max_payload_bytes: self.max_payload_bytes,
+            templates: self.limits()?.templates,
             ca_file: self.external_ca.clone(),
             client_cert,
         };
@@ -545,6 +579,9 @@ impl Settings {
                 .unwrap_or(i64::MAX),
             naive_zone: NaiveZone::parse(&self.naive_timestamp_zone)
                 .map_err(|e| ConfigError::Invalid(format!("naive_timestamp_zone: {e}")))?,
+            max_batch_readings: self.max_batch_readings,
+            templates: Templates::parse(&self.topic_templates)
+                .map_err(|e| ConfigError::Invalid(format!("topic_templates{e}")))?,
         })
     }
 }
@@ -808,6 +845,15 @@ mod tests {
             ..Settings::default()
         };
         largest.validate().unwrap();
+        assert!(bad(|s| s.max_batch_readings = 0).contains("max_batch_readings"));
+        let overlap = bad(|s| {
+            s.topic_templates = vec!["plant/+site/+sensor_id".into(), "plant/x/+sensor_id".into()]
+        });
+        assert!(overlap.contains("topic_templates[0]"), "{overlap}");
+        assert!(
+            bad(|s| s.topic_templates = vec!["plant/+site/+kind".into()])
+                .contains("topic_templates[0] 'plant/+site/+kind' has no +sensor_id")
+        );
         assert!(bad(|s| s.tls_cert = Some("c.pem".into())).contains("tls_key"));
         assert!(
             bad(|s| s.mqtts_listen = Some(SocketAddr::from(([0, 0, 0, 0], 8883))))

@@ -383,7 +383,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
     )
     .description(
         "MQTT sensor readings as queryable history. Devices publish \
-         {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind>; sensorhub stores every \
+         {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind> (or an array of them, or \
+         {\"sensor_id\", \"timestamp\", \"values\": {kind: value}}; or on topics the operator's \
+         templates name, whose levels give sensor_id, kind and tags); sensorhub stores every \
          reading in MongoDB and keeps the latest ten per sensor in Redis. Every error is \
          {\"error\": code, \"message\": text}: 400 names the bad parameter, 404 an unknown \
          sensor or path, 503 (with Retry-After) the dependency that is down.",
@@ -428,7 +430,8 @@ mod tests {
             21.5,
             Timestamp::parse("2024-05-01T10:00:00.5Z").unwrap(),
         )
-        .unwrap();
+        .unwrap()
+        .with_tags(crate::domain::Tags::new(vec![("site".into(), "b".into())]));
         let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
         let object = json.as_object().unwrap();
         let mut fields: Vec<&str> = object.keys().map(String::as_str).collect();

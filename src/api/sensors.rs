@@ -31,12 +31,14 @@ impl Sensors {
                 kind: k.kind.to_string(),
                 value: k.last_value,
                 timestamp: to_datetime(k.last_seen),
+                tags: None,
             },
             None => ReadingOut {
                 sensor_id: s.sensor_id.to_string(),
                 kind: String::new(),
                 value: 0.0,
                 timestamp: to_datetime(s.last_seen),
+                tags: None,
             },
         };
         SensorOut {

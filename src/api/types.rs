@@ -25,19 +25,29 @@ const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
 pub struct ReadingOut {
     /// The sensor's id, as it published it.
     pub sensor_id: String,
-    /// What the sensor measures: the last level of its topic (`sensors/<kind>`).
+    /// What the sensor measures: the last level of its topic (`sensors/<kind>`), the `+kind`
+    /// level of a topic template, or a key of a `values` object.
     pub kind: String,
     /// The measured value.
     pub value: f64,
     /// When the sensor took the reading (RFC 3339, UTC, millisecond precision).
     pub timestamp: time::OffsetDateTime,
+    /// The named levels of the topic template it was published under (`+site` of
+    /// `plant/+site/+sensor_id/+kind`), in the template's order. Absent for readings published
+    /// under `sensors/`. Tags describe a reading; they are not part of its identity (sensor id,
+    /// kind, millisecond). `/latest` and `/sensors` answer from the sensor summary, which keeps
+    /// no tags.
+    #[oai(skip_serializing_if_is_none)]
+    pub tags: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A message that was not a reading.
 #[derive(Debug, Object)]
 #[oai(rename = "DeadLetter")]
 pub struct DeadLetterOut {
-    /// Unique id of the captured message.
+    /// Unique id of the captured message (`<log id>:<position>`), or of one element of it
+    /// (`<log id>:<position>:<index>`, index from 0: a bad element of a JSON batch or a
+    /// `values` object, whose message begins `element <index>`).
     pub id: String,
     /// When sensorhub received it (RFC 3339, UTC).
     pub received_at: String,
@@ -45,7 +55,8 @@ pub struct DeadLetterOut {
     pub topic: String,
     /// Why it was rejected: payload_too_large, topic_invalid, invalid_utf8, invalid_json,
     /// missing_field, wrong_type, sensor_id_invalid, value_not_numeric, value_not_finite,
-    /// timestamp_invalid, timestamp_out_of_range.
+    /// timestamp_invalid, timestamp_out_of_range, forbidden, batch_empty, batch_too_large,
+    /// kind_invalid, sensor_id_conflict.
     pub reason: String,
     /// What exactly was wrong, for the person who sent it.
     pub message: String,
@@ -119,6 +130,7 @@ impl Example for ReadingOut {
             kind: "temperature".into(),
             value: 21.5,
             timestamp: time::macros::datetime!(2026-11-27 10:15:00 UTC),
+            tags: None,
         }
     }
 }

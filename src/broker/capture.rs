@@ -18,7 +18,6 @@
 //! module reads is its `sensor_id`, for access control; judging readings is `domain::decode`'s
 //! job, later.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -28,11 +27,11 @@ use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     self, ConnectReturnCode, Packet, Protocol, PubAckReason, PubRecReason, SubscribeReasonCode,
 };
-use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use crate::auth::{Access, Gatekeeper, Refusal};
-use crate::domain::{Captured, FORBIDDEN_TOPIC_PREFIX, Timestamp, is_reading_topic};
+use crate::domain::{
+    Captured, FORBIDDEN_TOPIC_PREFIX, Templates, Timestamp, claimed_sensor_ids, is_captured,
+};
 use crate::metrics::Metrics;
 
 /// Where captured messages go: returns `Err` when they cannot be kept.
@@ -69,6 +68,8 @@ pub enum Version {
 #[derive(Debug)]
 pub struct Admission {
     pub gatekeeper: Arc<Gatekeeper>,
+    /// Topics captured beside `sensors/#`; a templated topic's sensor id is its own level.
+    pub templates: Arc<Templates>,
     pub version: Version,
     pub handoff: Option<HandoffKey>,
 }
@@ -78,6 +79,7 @@ impl Admission {
     pub fn open(version: Version) -> Arc<Self> {
         Arc::new(Self {
             gatekeeper: Arc::new(Gatekeeper::open()),
+            templates: Arc::default(),
             version,
             handoff: None,
         })
@@ -325,7 +327,7 @@ impl<P> Capture<P> {
             }
         }
         let topic = publish.topic.clone();
-        let reading = is_reading_topic(&topic);
+        let reading = is_captured(&topic, &self.admission.templates);
         // An empty retained publish deletes the retained message: a broker command, not a
         // reading, and no credential's sensor ids say whose it is.
         let deletion = publish.retain && publish.payload.is_empty();
@@ -335,8 +337,11 @@ impl<P> Capture<P> {
             // Dead-lettered as too large whoever sent it.
             true
         } else {
-            // A payload without a readable sensor id is no reading: decode says why.
-            sensor_id_of(&publish.payload).is_none_or(|id| access.may_publish(&id))
+            // Every sensor id the message claims (a batch's each, a templated topic's level)
+            // must be granted; an element without a readable id is no reading: decode says why.
+            claimed_sensor_ids(&topic, &publish.payload, &self.admission.templates)
+                .iter()
+                .all(|id| access.may_publish(id))
         };
         if reading && !deletion {
             let captured_topic = if allowed {
@@ -567,22 +572,6 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// The payload's `sensor_id`, read the way `domain::decode` reads it: when decode accepts a
-/// reading, this returns its sensor id. Other fields are skipped unparsed.
-fn sensor_id_of(payload: &[u8]) -> Option<Cow<'_, str>> {
-    #[derive(Deserialize)]
-    struct OnlyId<'a> {
-        #[serde(borrow, default)]
-        sensor_id: Option<&'a RawValue>,
-    }
-    let text = std::str::from_utf8(payload).ok()?;
-    let raw = serde_json::from_str::<OnlyId<'_>>(text).ok()?.sensor_id?;
-    if !raw.get().starts_with('"') {
-        return None;
-    }
-    serde_json::from_str::<Cow<'_, str>>(raw.get()).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
@@ -722,6 +711,7 @@ mod tests {
         let gatekeeper = Gatekeeper::from_file(&path, false, vec![device]).unwrap();
         let admission = Arc::new(Admission {
             gatekeeper: Arc::new(gatekeeper),
+            templates: Arc::new(Templates::parse(&["plant/+site/+sensor_id/+kind"]).unwrap()),
             version,
             handoff: None,
         });
@@ -953,21 +943,11 @@ mod tests {
     }
 
     #[test]
-    fn the_sensor_id_is_read_as_decode_reads_it() {
-        assert_eq!(
-            sensor_id_of(br#"{"value":1,"sensor_id":"a\/b"}"#).as_deref(),
-            Some("a/b")
-        );
-        assert_eq!(sensor_id_of(br#"{"sensor_id":7}"#), None);
-        assert_eq!(sensor_id_of(br#"{"sensor_id":"a","sensor_id":"b"}"#), None);
-        assert_eq!(sensor_id_of(b"not json"), None);
-    }
-
-    #[test]
     fn the_handoff_preamble_is_required_on_internal_listeners() {
         let key = HandoffKey([7; 32]);
         let admission = Arc::new(Admission {
             gatekeeper: Arc::new(Gatekeeper::open()),
+            templates: Arc::default(),
             version: Version::V4,
             handoff: Some(key.clone()),
         });

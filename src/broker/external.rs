@@ -29,7 +29,7 @@ use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
 use super::capture::CaptureSink;
-use crate::domain::{Captured, TOPIC_PREFIX, Timestamp, is_reading_topic};
+use crate::domain::{Captured, TOPIC_PREFIX, Templates, Timestamp, is_captured};
 use crate::metrics::Metrics;
 
 /// Where and how to subscribe.
@@ -43,6 +43,8 @@ pub struct ExternalConfig {
     pub client_id: String,
     /// Payloads over this are kept only in part (they become dead letters).
     pub max_payload_bytes: usize,
+    /// The operator's topic templates: subscribed to beside `sensors/#`, and captured.
+    pub templates: Templates,
     /// For `mqtts://`: the CA that signed the broker's certificate (else the system's roots).
     pub ca_file: Option<PathBuf>,
     /// For `mqtts://` with client certificates: this instance's certificate chain and key (PEM).
@@ -218,13 +220,26 @@ pub fn redacted(url: &str) -> String {
 /// restart and the instances' resubscription reaches nobody. A single instance on a plain
 /// subscription has no such gap.
 pub fn shared_filter(group: &str) -> Result<String, ExternalError> {
+    shared(group, &format!("{TOPIC_PREFIX}#"))
+}
+
+/// Every filter this instance subscribes to: `sensors/#` and each template's, shared by
+/// `group` (or plain with no group).
+pub fn filters(group: &str, templates: &Templates) -> Result<Vec<String>, ExternalError> {
+    std::iter::once(format!("{TOPIC_PREFIX}#"))
+        .chain(templates.iter().map(|t| t.filter()))
+        .map(|filter| shared(group, &filter))
+        .collect()
+}
+
+fn shared(group: &str, filter: &str) -> Result<String, ExternalError> {
     if group.is_empty() {
-        return Ok(format!("{TOPIC_PREFIX}#"));
+        return Ok(filter.to_owned());
     }
     if group.contains(['/', '+', '#']) {
         return Err(ExternalError::Group(group.to_owned()));
     }
-    Ok(format!("$share/{group}/{TOPIC_PREFIX}#"))
+    Ok(format!("$share/{group}/{filter}"))
 }
 
 /// What the polling task asks the request task to send.
@@ -244,7 +259,7 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let target = parse_url(&config.url)?;
-    let filter = shared_filter(&config.share_group)?;
+    let filters = filters(&config.share_group, &config.templates)?;
     let mut options = MqttOptions::new(&config.client_id, &target.host, target.port);
     options
         .set_clean_session(false)
@@ -266,7 +281,7 @@ pub async fn run(
     let (requests, pending) = mpsc::unbounded_channel();
     let sender = tokio::spawn(send_requests(client.clone(), pending));
     let result = poll(
-        eventloop, &config, &filter, &sink, &metrics, &requests, &stop,
+        eventloop, &config, &filters, &sink, &metrics, &requests, &stop,
     )
     .await;
     drop(requests);
@@ -293,7 +308,7 @@ async fn send_requests(client: AsyncClient, mut pending: mpsc::UnboundedReceiver
 async fn poll(
     mut eventloop: EventLoop,
     config: &ExternalConfig,
-    filter: &str,
+    filters: &[String],
     sink: &CaptureSink,
     metrics: &Metrics,
     requests: &mpsc::UnboundedSender<Request>,
@@ -317,12 +332,14 @@ async fn poll(
                     %broker,
                     client_id = %config.client_id,
                     session_present = ack.session_present,
-                    %filter,
+                    filters = %filters.join(" "),
                     "connected to the external MQTT broker"
                 );
-                // A resumed session keeps its subscription; subscribing again is harmless and
+                // A resumed session keeps its subscriptions; subscribing again is harmless and
                 // covers a broker that lost its sessions.
-                requests.send(Request::Subscribe(filter.to_owned()))?;
+                for filter in filters {
+                    requests.send(Request::Subscribe(filter.clone()))?;
+                }
             }
             Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                 if ack
@@ -331,14 +348,15 @@ async fn poll(
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
                     anyhow::bail!(
-                        "the external broker {broker} refused the subscription {filter}: does it \
-                         support shared subscriptions, and may client '{}' read sensors/#?",
+                        "the external broker {broker} refused a subscription of {}: does it \
+                         support shared subscriptions, and may client '{}' read those topics?",
+                        filters.join(" "),
                         config.client_id
                     );
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                if capture(&publish, config.max_payload_bytes, sink, metrics) {
+                if capture(&publish, config, sink, metrics) {
                     requests.send(Request::Ack(publish))?;
                 } else {
                     // Not acknowledged: the broker keeps it for this session. Reconnecting
@@ -368,11 +386,11 @@ async fn poll(
 /// Appends one delivered message to the local log; false when the log refused it.
 fn capture(
     publish: &Publish,
-    max_payload_bytes: usize,
+    config: &ExternalConfig,
     sink: &CaptureSink,
     metrics: &Metrics,
 ) -> bool {
-    if !is_reading_topic(publish.topic.as_bytes()) {
+    if !is_captured(publish.topic.as_bytes(), &config.templates) {
         // A broker may deliver what we did not ask for (an overlapping subscription of this
         // client id): acknowledged, as a subscriber that ignores it would.
         return true;
@@ -381,7 +399,7 @@ fn capture(
         Timestamp::now(),
         bytes::Bytes::copy_from_slice(publish.topic.as_bytes()),
         publish.payload.clone(),
-        max_payload_bytes,
+        config.max_payload_bytes,
     );
     // The log's append is one write(2): brief, but blocking.
     match tokio::task::block_in_place(|| sink(std::slice::from_ref(&message))) {
@@ -440,5 +458,19 @@ mod tests {
         assert!(shared_filter("a/b").is_err());
         assert_eq!(shared_filter("").unwrap(), "sensors/#");
         assert!(shared_filter("#").is_err());
+    }
+
+    #[test]
+    fn templates_are_subscribed_beside_sensors() {
+        let templates = Templates::parse(&["plant/+site/+sensor_id/+kind"]).unwrap();
+        assert_eq!(
+            filters("g", &templates).unwrap(),
+            ["$share/g/sensors/#", "$share/g/plant/+/+/+"]
+        );
+        assert_eq!(
+            filters("", &templates).unwrap(),
+            ["sensors/#", "plant/+/+/+"]
+        );
+        assert_eq!(filters("", &Templates::default()).unwrap(), ["sensors/#"]);
     }
 }

@@ -31,7 +31,7 @@ pub use capture::{
 };
 
 use crate::auth::Gatekeeper;
-use crate::domain::TOPIC_PREFIX;
+use crate::domain::{TOPIC_PREFIX, Templates};
 use crate::metrics::Metrics;
 use crate::tls::Certificates;
 
@@ -71,6 +71,9 @@ pub struct Security {
     pub gatekeeper: Arc<Gatekeeper>,
     /// The TLS listener's address and certificates.
     pub tls: Option<(SocketAddr, Arc<Certificates>)>,
+    /// The operator's topic templates: captured beside `sensors/#`, their sensor id checked
+    /// against the credential's grant.
+    pub templates: Arc<Templates>,
 }
 
 /// Where the two listeners go, overriding the configuration file.
@@ -182,6 +185,7 @@ impl EmbeddedBroker {
         let admission = |version, handoff| {
             Arc::new(Admission {
                 gatekeeper: Arc::clone(&security.gatekeeper),
+                templates: Arc::clone(&security.templates),
                 version,
                 handoff,
             })

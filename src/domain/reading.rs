@@ -76,6 +76,57 @@ fn check_name(text: &str, max_bytes: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Names and values a topic template took from a reading's topic (`+site` in
+/// `plant/+site/+sensor_id/+kind`), in the template's order. They describe a reading; they are
+/// not part of its identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tags(Vec<(String, String)>);
+
+impl Tags {
+    pub fn new(pairs: Vec<(String, String)>) -> Self {
+        Self(pairs)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+}
+
+impl serde::Serialize for Tags {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Tags {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Tags;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of tag names to strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Tags, A::Error> {
+                let mut pairs = Vec::new();
+                while let Some(pair) = map.next_entry::<String, String>()? {
+                    pairs.push(pair);
+                }
+                Ok(Tags(pairs))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
 /// One measurement: a finite value a sensor took at a device-reported instant.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reading {
@@ -83,6 +134,7 @@ pub struct Reading {
     kind: Kind,
     value: f64,
     timestamp: Timestamp,
+    tags: Tags,
 }
 
 impl Reading {
@@ -93,7 +145,18 @@ impl Reading {
             kind,
             value,
             timestamp,
+            tags: Tags::default(),
         })
+    }
+
+    /// The reading with `tags` (from its topic's template); its identity stays the same.
+    pub fn with_tags(mut self, tags: Tags) -> Self {
+        self.tags = tags;
+        self
+    }
+
+    pub fn tags(&self) -> &Tags {
+        &self.tags
     }
 
     pub fn sensor_id(&self) -> &SensorId {
@@ -113,7 +176,8 @@ impl Reading {
     }
 
     /// The public JSON form of a reading, as the HTTP API returns it and the cache keeps it:
-    /// `{"sensor_id":..,"kind":..,"value":..,"timestamp":"<RFC 3339 UTC>"}`.
+    /// `{"sensor_id":..,"kind":..,"value":..,"timestamp":"<RFC 3339 UTC>"}`, with `"tags":{..}`
+    /// last when the reading has any.
     pub fn to_json(&self) -> String {
         #[derive(serde::Serialize)]
         struct Json<'a> {
@@ -121,12 +185,15 @@ impl Reading {
             kind: &'a str,
             value: f64,
             timestamp: String,
+            #[serde(skip_serializing_if = "Tags::is_empty")]
+            tags: &'a Tags,
         }
         let json = Json {
             sensor_id: self.sensor_id.as_str(),
             kind: self.kind.as_str(),
             value: self.value,
             timestamp: self.timestamp.to_string(),
+            tags: &self.tags,
         };
         // Serializing strings and a finite float cannot fail.
         serde_json::to_string(&json).unwrap_or_default()
@@ -236,5 +303,30 @@ mod tests {
             r.to_json(),
             r#"{"sensor_id":"s","kind":"k","value":-0.5,"timestamp":"1970-01-01T00:00:00.000Z"}"#
         );
+    }
+
+    #[test]
+    fn tags_describe_a_reading_without_changing_its_identity() {
+        let at = Timestamp::from_millis(0).unwrap();
+        let plain = Reading::new(
+            SensorId::parse("s").unwrap(),
+            Kind::parse("k").unwrap(),
+            1.0,
+            at,
+        )
+        .unwrap();
+        let tags = Tags::new(vec![
+            ("site".into(), "b\"x".into()),
+            ("line".into(), "2".into()),
+        ]);
+        let tagged = plain.clone().with_tags(tags.clone());
+        assert_eq!(tagged.key(), plain.key());
+        assert_ne!(tagged, plain);
+        assert_eq!(
+            tagged.to_json(),
+            r#"{"sensor_id":"s","kind":"k","value":1.0,"timestamp":"1970-01-01T00:00:00.000Z","tags":{"site":"b\"x","line":"2"}}"#
+        );
+        let back: Tags = serde_json::from_str(r#"{"site":"b\"x","line":"2"}"#).unwrap();
+        assert_eq!(back, tags, "order kept");
     }
 }

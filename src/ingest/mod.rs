@@ -293,14 +293,22 @@ pub async fn summaries(
     }
 }
 
-/// Judges records read from the log: readings, and dead letters whose ids (`<log id>:<LSN>`)
-/// are unique per captured message and the same when a replay judges it again.
+/// Judges records read from the log: readings, and dead letters whose ids are unique per
+/// captured message, or per element of one (`<log id>:<LSN>` for the whole message,
+/// `<log id>:<LSN>:<index>` for one element of a batch), and the same when a replay judges it
+/// again.
 fn judge(records: &[Record], limits: &Limits, log_id: &str) -> (Vec<Reading>, Vec<DeadLetter>) {
     let mut readings = Vec::with_capacity(records.len());
     let mut dead = Vec::new();
     for record in records {
         match decode(&record.message, limits) {
-            Ok(reading) => readings.push(reading),
+            Ok(decoded) => {
+                readings.extend(decoded.readings);
+                for (i, rejection) in decoded.rejected {
+                    let id = format!("{log_id}:{}:{i}", record.lsn);
+                    dead.push(DeadLetter::new(id, &record.message, rejection));
+                }
+            }
             Err(rejection) => {
                 let id = format!("{log_id}:{}", record.lsn);
                 dead.push(DeadLetter::new(id, &record.message, rejection));
@@ -723,6 +731,32 @@ mod tests {
         assert_eq!(
             dead_again.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
             ids
+        );
+    }
+
+    #[test]
+    fn a_batch_yields_its_readings_and_a_dead_letter_per_bad_element() {
+        let records = [record(
+            40,
+            "sensors/temperature",
+            r#"[{"sensor_id":"a","value":1,"timestamp":"2024-05-01T09:00:00Z"},
+                {"sensor_id":"b","value":"x","timestamp":"2024-05-01T09:00:00Z"},
+                {"sensor_id":"c","value":3,"timestamp":"2024-05-01T09:00:00Z"}]"#,
+        )];
+        let (readings, dead) = judge(&records, &Limits::default(), "log7");
+        let ids: Vec<&str> = readings.iter().map(|r| r.sensor_id().as_str()).collect();
+        assert_eq!(ids, ["a", "c"]);
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].id, "log7:40:1");
+        assert_eq!(dead[0].reason, Reason::ValueNotNumeric);
+        assert!(
+            dead[0].message.starts_with("element 1: "),
+            "{}",
+            dead[0].message
+        );
+        assert_eq!(
+            judge(&records, &Limits::default(), "log7"),
+            (readings, dead)
         );
     }
 

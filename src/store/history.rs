@@ -9,7 +9,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 
 use super::{Store, StoreError};
-use crate::domain::{Kind, Reading, SensorId, Timestamp};
+use crate::domain::{Kind, Reading, SensorId, Tags, Timestamp};
 
 /// Documents per round trip of a streamed read.
 const STREAM_BATCH: u32 = 2000;
@@ -79,6 +79,8 @@ struct RowDoc {
     kind: String,
     value: f64,
     timestamp: DateTime,
+    #[serde(default)]
+    tags: Tags,
 }
 
 impl RowDoc {
@@ -89,6 +91,7 @@ impl RowDoc {
             self.value,
             Timestamp::from_millis(self.timestamp.timestamp_millis())?,
         )
+        .map(|r| r.with_tags(self.tags))
     }
 }
 

@@ -21,7 +21,7 @@ use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions};
 use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{DeadLetter, Kind, Reading, Reason, SensorId, Timestamp};
+use crate::domain::{DeadLetter, Kind, Reading, Reason, SensorId, Tags, Timestamp};
 pub use history::{
     AggregateQuery, Bucket, Order, RangeCursor, RangeQuery, ReadingFilter, SeriesPoint,
     SeriesQuery, Stat, Stats,
@@ -125,6 +125,10 @@ struct ReadingDoc {
     kind: String,
     value: f64,
     timestamp: DateTime,
+    /// A topic template's tags; left out when there are none, as in documents of earlier
+    /// versions.
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    tags: Tags,
 }
 
 impl ReadingDoc {
@@ -135,6 +139,7 @@ impl ReadingDoc {
             kind: r.kind().as_str().to_owned(),
             value: r.value(),
             timestamp: DateTime::from_millis(r.timestamp().as_millis()),
+            tags: r.tags().clone(),
         }
     }
 
@@ -146,6 +151,7 @@ impl ReadingDoc {
             self.value,
             Timestamp::from_millis(self.timestamp.timestamp_millis())?,
         )
+        .map(|r| r.with_tags(self.tags))
     }
 }
 

@@ -79,7 +79,8 @@ pub fn malformed() -> Vec<Case> {
         "}".to_owned(),
         "{]".to_owned(),
         "[1,2]".to_owned(),
-        format!("[{good_text}]"),
+        format!("[{good_text},1]"),
+        format!("[{good_text}"),
         r#""a string""#.to_owned(),
         "42".to_owned(),
         "true".to_owned(),
@@ -338,6 +339,25 @@ pub fn malformed() -> Vec<Case> {
         add(TOPIC, bytes, Reason::InvalidUtf8);
     }
 
+    // Batches that hold no reading, or more than a message may.
+    add(TOPIC, b"[]".to_vec(), Reason::BatchEmpty);
+    add(
+        TOPIC,
+        br#"{"sensor_id":"a","timestamp":"2026-01-01","values":{}}"#.to_vec(),
+        Reason::BatchEmpty,
+    );
+    add(
+        TOPIC,
+        format!("[{}]", ["{}"; 1001].join(",")).into_bytes(),
+        Reason::BatchTooLarge,
+    );
+    // A `values` object whose only key is no kind: a dead letter for that element.
+    add(
+        TOPIC,
+        br#"{"sensor_id":"a","timestamp":"2026-01-01","values":{"a/b":1}}"#.to_vec(),
+        Reason::KindInvalid,
+    );
+
     // Larger than the limit, whatever else is wrong with them (checked first).
     let max = Limits::default().max_payload_bytes;
     let padded = |len: usize| {
@@ -483,7 +503,21 @@ fn the_corpus_is_large_distinct_and_labelled_as_the_decoder_judges() {
     assert!(cases.len() >= 200, "only {} cases", cases.len());
     let mut wrong = Vec::new();
     for case in &cases {
-        match decode(&captured(&case.topic, &case.payload), &Limits::default()) {
+        // A message of one bad element (a `values` object's) is one element's dead letter.
+        let verdict =
+            decode(&captured(&case.topic, &case.payload), &Limits::default()).and_then(|mut d| {
+                match d.rejected.pop() {
+                    Some((0, rejection)) if d.readings.is_empty() && d.rejected.is_empty() => {
+                        Err(rejection)
+                    }
+                    Some(other) => {
+                        d.rejected.push(other);
+                        Ok(d)
+                    }
+                    None => Ok(d),
+                }
+            });
+        match verdict {
             Ok(reading) => wrong.push(format!("{}: accepted as {reading:?}", show(case))),
             Err(rejection) if rejection.reason != case.reason => wrong.push(format!(
                 "{}: expected {}, got {rejection}",
@@ -496,15 +530,17 @@ fn the_corpus_is_large_distinct_and_labelled_as_the_decoder_judges() {
     assert!(wrong.is_empty(), "mislabelled:\n{}", wrong.join("\n"));
     let covered: HashSet<Reason> = cases.iter().map(|c| c.reason).collect();
     // `forbidden` is the broker's verdict on who sent a message, not on its bytes: tests/api/
-    // security.rs covers it.
+    // security.rs covers it. `sensor_id_conflict` needs a topic template: tests/api/templates.rs.
     assert_eq!(
         covered.len(),
-        Reason::ALL.len() - 1,
+        Reason::ALL.len() - 2,
         "every reason is exercised"
     );
     for edge in boundary_readings() {
         let reading = decode(&captured(&edge.topic, &edge.payload), &Limits::default())
-            .unwrap_or_else(|e| panic!("boundary reading {} rejected: {e}", edge.sensor));
+            .unwrap_or_else(|e| panic!("boundary reading {} rejected: {e}", edge.sensor))
+            .readings
+            .remove(0);
         assert_eq!(reading.sensor_id().as_str(), edge.sensor);
         assert_eq!(reading.timestamp().as_millis(), edge.millis);
         assert_eq!(reading.value(), edge.value, "{}", edge.sensor);
@@ -592,7 +628,10 @@ async fn the_malformed_corpus_is_dead_lettered_exactly_while_valid_readings_flow
     for case in &cases {
         *per_reason.entry(case.reason).or_default() += 1;
     }
-    for reason in Reason::ALL.into_iter().filter(|r| *r != Reason::Forbidden) {
+    for reason in Reason::ALL
+        .into_iter()
+        .filter(|r| !matches!(r, Reason::Forbidden | Reason::SensorIdConflict))
+    {
         let counted = app
             .metric(&format!(
                 "sensorhub_dead_letters_total{{reason=\"{reason}\"}}"

@@ -540,6 +540,13 @@ impl TestApp {
         self.mongo().await.collection("sensor_readings")
     }
 
+    /// Every stored reading document.
+    pub async fn reading_docs(&self) -> Vec<Document> {
+        use futures_util::TryStreamExt as _;
+        let cursor = self.readings().await.find(doc! {}).await.expect("find");
+        cursor.try_collect().await.expect("read the readings")
+    }
+
     pub async fn count_readings(&self) -> u64 {
         self.readings()
             .await

@@ -7,6 +7,7 @@
 mod helpers;
 
 mod all_data;
+mod batches;
 mod corpus;
 mod external_broker;
 mod faults;
@@ -31,4 +32,5 @@ mod security;
 mod simulator;
 mod startup;
 mod stream;
+mod templates;
 mod tls;
