@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
+use super::BrokerStatus;
 use super::capture::CaptureSink;
 use crate::domain::{Captured, TOPIC_PREFIX, Timestamp, is_reading_topic};
 use crate::metrics::Metrics;
@@ -241,10 +242,10 @@ pub async fn run(
     config: ExternalConfig,
     sink: CaptureSink,
     metrics: Arc<Metrics>,
+    status: Arc<BrokerStatus>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let target = parse_url(&config.url)?;
-    let filter = shared_filter(&config.share_group)?;
     let mut options = MqttOptions::new(&config.client_id, &target.host, target.port);
     options
         .set_clean_session(false)
@@ -266,9 +267,10 @@ pub async fn run(
     let (requests, pending) = mpsc::unbounded_channel();
     let sender = tokio::spawn(send_requests(client.clone(), pending));
     let result = poll(
-        eventloop, &config, &filter, &sink, &metrics, &requests, &stop,
+        eventloop, &config, &sink, &metrics, &status, &requests, &stop,
     )
     .await;
+    status.set_connected(false);
     drop(requests);
     let _ = client.try_disconnect();
     let _ = sender.await;
@@ -293,12 +295,13 @@ async fn send_requests(client: AsyncClient, mut pending: mpsc::UnboundedReceiver
 async fn poll(
     mut eventloop: EventLoop,
     config: &ExternalConfig,
-    filter: &str,
     sink: &CaptureSink,
     metrics: &Metrics,
+    status: &BrokerStatus,
     requests: &mpsc::UnboundedSender<Request>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let filter = shared_filter(&config.share_group)?;
     let broker = redacted(&config.url);
     // Short at first: after a broker restart, every moment without our subscription is a
     // moment in which a broker that does not restore shared subscriptions drops readings.
@@ -313,6 +316,7 @@ async fn poll(
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                 backoff = Duration::from_millis(20);
                 connected = true;
+                status.set_connected(true);
                 tracing::info!(
                     %broker,
                     client_id = %config.client_id,
@@ -355,6 +359,7 @@ async fn poll(
                     tracing::debug!(%broker, error = %e, "external MQTT broker unreachable");
                 }
                 connected = false;
+                status.set_connected(false);
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = stop.cancelled() => return Ok(()),
