@@ -381,7 +381,7 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_READY_MAX_PENDING_BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ready_max_pending_bytes: Option<u64>,
-    /// Dead letters stored per reason and second; the rest counted, not stored (0: all) [default: 100]
+    /// Dead letters stored per reason and second; the rest counted, not stored (0: all) [default: 1000]
     #[arg(long, env = "SENSORHUB_DEAD_LETTERS_PER_SECOND")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letters_per_second: Option<u32>,

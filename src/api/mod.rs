@@ -409,13 +409,14 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
          sensor or path, 503 (with Retry-After) the dependency that is down.",
     )
     .server("/");
+    let templates = observe::Templates::from_spec(&service.spec());
     let ui = service.swagger_ui();
     let spec = service.spec_endpoint();
     let routes = Route::new()
         .nest("/docs", ui)
         .at("/openapi.json", spec)
         .nest("/", service);
-    observe::observed(routes, metrics)
+    observe::observed(routes, metrics, templates)
         .catch_all_error(error::routing)
         // A bug must still answer in the one error shape (and is logged where it panicked).
         .with(poem::middleware::CatchPanic::new().with_handler(error::panicked))
