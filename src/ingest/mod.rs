@@ -75,8 +75,9 @@ pub fn cache_queue() -> (mpsc::Sender<Vec<Reading>>, mpsc::Receiver<Vec<Reading>
     mpsc::channel(CACHE_QUEUE)
 }
 
-/// A batch MongoDB took, with the positions of its readings that were already stored.
-type Stored = (Batch, Vec<usize>);
+/// A batch MongoDB took, with the positions of its readings, then of its dead letters, that
+/// were already stored.
+type Stored = (Batch, Vec<usize>, Vec<usize>);
 
 /// A batch read from the log and judged, on its way to MongoDB.
 #[derive(Debug)]
@@ -141,7 +142,9 @@ impl Writer {
                 done = oldest => {
                     in_flight.pop_front();
                     match done {
-                        Ok(Some((batch, duplicates))) => self.finish(batch, &duplicates),
+                        Ok(Some((batch, duplicates, dead_duplicates))) => {
+                            self.finish(batch, &duplicates, &dead_duplicates);
+                        }
                         // Aborted (or the task panicked): the log keeps the rest.
                         _ => return,
                     }
@@ -205,7 +208,9 @@ impl Writer {
     }
 
     /// Accounts for a stored batch, passes its new readings to Redis and moves the stored mark.
-    fn finish(&self, batch: Batch, duplicates: &[usize]) {
+    /// Dead letters MongoDB already held (a replay after a crash) are not counted again, as
+    /// readings are not.
+    fn finish(&self, batch: Batch, duplicates: &[usize], dead_duplicates: &[usize]) {
         let duplicates: HashSet<usize> = duplicates.iter().copied().collect();
         self.metrics.stored.fetch_add(
             (batch.readings.len() - duplicates.len()) as u64,
@@ -214,7 +219,10 @@ impl Writer {
         self.metrics
             .duplicates
             .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
-        for (i, letter) in batch.dead.iter().enumerate() {
+        let new_letters = (batch.dead.iter().enumerate())
+            .filter(|(i, _)| !dead_duplicates.contains(i))
+            .map(|(_, letter)| letter);
+        for (i, letter) in new_letters.enumerate() {
             self.metrics.dead_letter(letter.reason);
             // A device gone haywire must not flood the log: a few per batch, then a count.
             if i < LOGGED_DEAD_LETTERS {
@@ -370,7 +378,7 @@ async fn store_batch(
         &abort,
     )
     .await?;
-    until_done(
+    let kept = until_done(
         || store.insert_dead_letters(&batch.dead),
         (!batch.dead.is_empty()).then_some(&metrics.mongodb_write_dead_letters),
         &metrics,
@@ -378,7 +386,7 @@ async fn store_batch(
         &abort,
     )
     .await?;
-    Some((batch, inserted.duplicates))
+    Some((batch, inserted.duplicates, kept.duplicates))
 }
 
 /// Runs `write` until MongoDB accepts it, with backoff, timing each attempt in `timed`;

@@ -215,3 +215,43 @@ async fn a_flood_of_malformed_messages_stores_at_most_the_budget_and_every_readi
     flood.disconnect().await;
     good.disconnect().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_the_whole_log_counts_nothing_twice() {
+    let mut app = TestApp::spawn().await;
+    let publisher = Publisher::connect(app.mqtt_port, "replay-count").await;
+    for i in 0..20 {
+        let reading = reading_json("replayed", f64::from(i), &ts(i64::from(i)));
+        publisher
+            .publish(2 * i as usize, "sensors/temperature", reading)
+            .await;
+        publisher
+            .publish(2 * i as usize + 1, "sensors/temperature", b"[bad".to_vec())
+            .await;
+    }
+    publisher.wait_acked(40).await;
+    app.wait_for_count(20).await;
+    let bad = "sensorhub_dead_letters_total{reason=\"invalid_json\"}";
+    app.eventually("the dead letters stored", || async {
+        (app.metric(bad).await == 20).then_some(())
+    })
+    .await;
+    publisher.disconnect().await;
+
+    // A crash that lost the checkpoint: the next start judges the whole log again.
+    app.kill();
+    let _ = std::fs::remove_file(app.journal_dir.join("checkpoint"));
+    app.start().await;
+    app.eventually("the replay judged", || async {
+        (app.metric("sensorhub_readings_duplicate_total").await == 20).then_some(())
+    })
+    .await;
+    app.eventually("the replay finished", || async {
+        (app.metric("sensorhub_journal_pending_bytes").await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(app.metric("sensorhub_readings_stored_total").await, 0);
+    assert_eq!(app.metric(bad).await, 0, "dead letters MongoDB held");
+    assert_eq!(dead_letters(&app).await.len(), 20);
+    assert_eq!(app.count_readings().await, 20);
+}
