@@ -267,7 +267,9 @@ impl Api {
 
     /// Metrics
     ///
-    /// Counters and gauges in the Prometheus text format.
+    /// Counters, gauges and histograms in the Prometheus text format (0.0.4): the pipeline,
+    /// the local log's depth, MongoDB write latency, HTTP latency and responses by route
+    /// template, connected MQTT clients.
     #[oai(path = "/metrics", method = "get")]
     async fn metrics(&self) -> PlainText<String> {
         let mut gauges = (self.state.gauges)();
