@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::{AppOptions, Publisher, TestApp, reading_json, start_mongo, ts};
+use crate::external_broker::external_args;
+use crate::helpers::{
+    AppOptions, Publisher, TestApp, reading_json, start_mongo, start_mosquitto, ts, unique,
+};
 
 /// `/health/ready`: its status code and body.
 async fn ready(app: &TestApp) -> (u16, Value) {
@@ -183,4 +186,27 @@ async fn a_full_disk_under_the_local_log_turns_readiness_503_and_freeing_it_200(
     std::fs::remove_file(&filler).unwrap();
     ready_becomes(&app, 200).await;
     app.kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_external_broker_readiness_follows_its_connection() {
+    let mut mosquitto = start_mosquitto();
+    let app = TestApp::spawn_with(AppOptions {
+        args: external_args(mosquitto.port, "", &unique("ready-ext")),
+        ..AppOptions::default()
+    })
+    .await;
+    let body = ready_becomes(&app, 200).await;
+    assert_eq!(
+        body["components"]["broker"]["detail"],
+        "subscribed to the external broker"
+    );
+    mosquitto.stop();
+    let body = ready_becomes(&app, 503).await;
+    assert_eq!(
+        body["components"]["broker"]["error"], "not connected to the external broker",
+        "{body}"
+    );
+    mosquitto.resume();
+    ready_becomes(&app, 200).await;
 }
