@@ -63,12 +63,17 @@ ENV SENSORHUB_JOURNAL_DIR=/var/lib/sensorhub/journal
 VOLUME ["/var/lib/sensorhub"]
 
 USER 10001:10001
-# MQTT 3.1.1, MQTT 5, HTTP API (GET /health, /docs, /metrics), MQTT over TLS when
+# MQTT 3.1.1, MQTT 5, HTTP API (GET /health/ready, /health/live, /docs, /metrics), MQTT over TLS when
 # SENSORHUB_MQTTS_LISTEN=0.0.0.0:8883 and a certificate are set. Without SENSORHUB_MQTT_AUTH
 # (or SENSORHUB_MQTT_ALLOW_ANONYMOUS=true) MQTT listens on the container's loopback only.
 EXPOSE 1883 1884 8000 8883
-# No HEALTHCHECK here: the image has no HTTP client, and HEALTHCHECK is not part of the OCI image
-# format; docker-compose.yml probes GET /health/ready with bash's /dev/tcp.
+# Readiness (GET /health/ready: MQTT listeners, the local log's disk, MongoDB, Redis). The image
+# has no HTTP client: bash's /dev/tcp sends the request. Docker keeps HEALTHCHECK; the OCI image
+# format has none (podman needs --format docker), so docker-compose.yml repeats it. Liveness for
+# an orchestrator that restarts: GET /health/live. With HTTPS (SENSORHUB_TLS_CERT) this plain
+# request fails: probe with a client that speaks TLS instead.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/8000 && printf 'GET /health/ready HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && head -n 1 <&3 | grep -q ' 200 '"]
 # Runs with a read-only root filesystem (`docker run --read-only`, compose's read_only): the
 # process writes only under SENSORHUB_JOURNAL_DIR, on the volume, and needs no /tmp.
 # Secrets: MONGODB_URI_FILE, REDIS_URL_FILE, SENSORHUB_EXTERNAL_BROKER_FILE name mounted files

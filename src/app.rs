@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, ApiState};
 use crate::auth::{Device, Gatekeeper, SensorPattern, hash_password};
-use crate::broker::{self, CaptureSink, EmbeddedBroker, ListenOverrides, Security};
+use crate::broker::{self, BrokerStatus, CaptureSink, EmbeddedBroker, ListenOverrides, Security};
 use crate::cache::{Cache, CacheConfig, Health};
 use crate::config::{Settings, redact};
-use crate::domain::Captured;
+use crate::domain::{Captured, DeadLetterBudget};
+use crate::health::{Check, Readiness};
 use crate::ingest::{self, Writer, WriterStop};
 use crate::journal::{Journal, JournalConfig};
 use crate::metrics::{Gauges, Metrics};
@@ -30,6 +31,8 @@ use crate::tls::{Certificates, HttpsAcceptor};
 
 /// How often the sensor summary is written: how far `/sensors` may trail the readings.
 const SUMMARY_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the readiness checks run.
+const READY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A running sensorhub.
 #[derive(Debug)]
@@ -51,6 +54,9 @@ pub struct Application {
     summaries_stop: CancellationToken,
     http: JoinHandle<std::io::Result<()>>,
     http_stop: CancellationToken,
+    /// Runs the readiness checks until the HTTP server closes, so `/health/ready` says 503
+    /// while the process drains.
+    readiness: JoinHandle<()>,
     started: Instant,
 }
 
@@ -59,6 +65,7 @@ impl Application {
     /// that names the dependency (port, MongoDB, Redis, log directory) and what to do.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let started = Instant::now();
+        raise_open_file_limit();
         let limits = settings.limits()?;
         let max_payload_bytes = limits.max_payload_bytes;
         let templates = Arc::new(limits.templates.clone());
@@ -166,6 +173,7 @@ impl Application {
                 cache_tx,
                 live: Arc::clone(&live),
                 summaries: Arc::clone(&summaries),
+                dead_letter_budget: DeadLetterBudget::new(settings.dead_letters_per_second),
             }
             .run(writer_stop.clone()),
         );
@@ -224,7 +232,7 @@ impl Application {
                 .zip(certificates.as_ref().map(Arc::clone)),
             templates,
         };
-        let (broker, simulate_to) = match external {
+        let (broker, simulate_to, broker_status) = match external {
             None => {
                 let broker = EmbeddedBroker::start(
                     broker_config,
@@ -237,17 +245,24 @@ impl Application {
                 )
                 .await?;
                 let port = broker.listeners().first().map(|(_, addr)| addr.port());
-                (Some(broker), port.map(|p| ("127.0.0.1".to_owned(), p)))
+                let status = broker.status();
+                (
+                    Some(broker),
+                    port.map(|p| ("127.0.0.1".to_owned(), p)),
+                    status,
+                )
             }
             Some(config) => {
                 let to = broker::external::target_addr(&config.url)?;
+                let status = Arc::new(BrokerStatus::external());
                 services.spawn(broker::external::run(
                     config,
                     sink,
                     Arc::clone(&metrics),
+                    Arc::clone(&status),
                     intake.clone(),
                 ));
-                (None, Some(to))
+                (None, Some(to), status)
             }
         };
         services.spawn(reload_on_sighup(
@@ -265,6 +280,20 @@ impl Application {
                 ..Gauges::default()
             }
         });
+        let readiness = Arc::new(Readiness::new(
+            readiness_checks(
+                broker_status,
+                journal.clone(),
+                settings.ready_max_pending_bytes(),
+                store.clone(),
+                cache.clone(),
+            ),
+            Duration::from_millis(settings.ready_timeout_ms),
+            READY_INTERVAL,
+        ));
+        // The first round before the HTTP server opens: a probe never sees "not checked yet".
+        readiness.check_now().await;
+        let readiness_task = tokio::spawn(Arc::clone(&readiness).run(http_stop.clone()));
         let state = ApiState::new(
             store,
             cache,
@@ -273,7 +302,8 @@ impl Application {
             gauges,
             Duration::from_millis(settings.read_cache_ms),
         )
-        .with_live(live, Duration::from_secs(settings.sensor_stale_secs));
+        .with_live(live, Duration::from_secs(settings.sensor_stale_secs))
+        .with_readiness(readiness);
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let write_timeout = Duration::from_secs(settings.http_write_timeout_secs);
         let http = match &certificates {
@@ -330,6 +360,7 @@ impl Application {
             summaries_stop,
             http,
             http_stop,
+            readiness: readiness_task,
             started,
         })
     }
@@ -412,6 +443,8 @@ impl Application {
         // 4. Close.
         self.http_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.http).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.readiness).await;
+        self.readiness.abort();
         tracing::info!(
             stored_to = self.journal.stored(),
             log_end = end,
@@ -421,6 +454,89 @@ impl Application {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// The components `/health/ready` reports, each checked by its owner.
+fn readiness_checks(
+    broker: Arc<BrokerStatus>,
+    journal: Journal,
+    max_pending: u64,
+    store: Store,
+    cache: Cache,
+) -> Vec<Check> {
+    vec![
+        Check::new("broker", move || {
+            let broker = Arc::clone(&broker);
+            async move { broker.check() }
+        }),
+        Check::new("journal", move || {
+            let journal = journal.clone();
+            async move {
+                let probe = journal.clone();
+                // File I/O: off the async threads. The log guards against probes piling up
+                // on a disk that hangs.
+                tokio::task::spawn_blocking(move || probe.check_writable())
+                    .await
+                    .map_err(|e| format!("the probe panicked: {e}"))??;
+                let pending = journal.pending_bytes();
+                if pending >= max_pending {
+                    return Err(format!(
+                        "{pending} bytes wait to be stored, the threshold is {max_pending}"
+                    ));
+                }
+                Ok(format!("{pending} bytes wait to be stored"))
+            }
+        }),
+        Check::new("mongodb", move || {
+            let store = store.clone();
+            async move {
+                store.ping().await.map_err(|e| {
+                    tracing::debug!(error = crate::error_chain(&e), "readiness: MongoDB");
+                    e.to_string()
+                })?;
+                Ok("ping answered".to_owned())
+            }
+        }),
+        Check::new("redis", move || {
+            let cache = cache.clone();
+            async move {
+                cache.ping().await.map_err(|e| {
+                    tracing::debug!(error = crate::error_chain(&e), "readiness: Redis");
+                    e.to_string()
+                })?;
+                Ok("PING answered".to_owned())
+            }
+        }),
+    ]
+}
+
+/// Raises the soft limit of open files to the hard limit, and logs both: every device
+/// connection is a file descriptor, and the usual soft limit (1,024) would refuse devices
+/// long before `max_connections` (10,010 in `rumqttd.toml`).
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current == limit.maximum {
+        tracing::info!(soft = ?limit.current, "open file limit");
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(
+            soft = ?limit.maximum,
+            was = ?limit.current,
+            "open file limit raised to the hard limit"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            soft = ?limit.current,
+            hard = ?limit.maximum,
+            "cannot raise the open file limit; each MQTT connection needs a descriptor"
+        ),
     }
 }
 

@@ -14,7 +14,7 @@ use figment::providers::{Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::broker::external::{self, ExternalConfig, ExternalError};
-use crate::domain::{Limits, NaiveZone, Templates, Timestamp};
+use crate::domain::{DeadLetterBudget, Limits, NaiveZone, Templates, Timestamp};
 use crate::journal::{FsyncPolicy, MAX_PAYLOAD_BYTES};
 use crate::store::WriteConcern;
 use crate::tls::TlsFiles;
@@ -132,6 +132,15 @@ pub struct Settings {
     /// Seconds an HTTP write may make no progress before the connection is closed: cuts off
     /// clients that stop reading (a `/stream` subscriber gone silent, a slowloris reader).
     pub http_write_timeout_secs: u64,
+    /// Milliseconds each readiness check (MongoDB ping, Redis PING, the log's disk) may take
+    /// before it counts as down.
+    pub ready_timeout_ms: u64,
+    /// Unstored bytes in the local log from which `/health/ready` says 503; none: half of
+    /// `journal_max_bytes`.
+    pub ready_max_pending_bytes: Option<u64>,
+    /// Dead letters stored per reason and per second of arrival; the rest are counted in
+    /// `sensorhub_dead_letters_dropped_total` and dropped. 0: every one is stored.
+    pub dead_letters_per_second: u32,
 }
 
 impl Default for Settings {
@@ -182,6 +191,9 @@ impl Default for Settings {
             reading_retention_days: 0,
             sensor_stale_secs: 300,
             http_write_timeout_secs: 30,
+            ready_timeout_ms: 1000,
+            ready_max_pending_bytes: None,
+            dead_letters_per_second: DeadLetterBudget::DEFAULT_PER_SECOND,
         }
     }
 }
@@ -389,6 +401,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_HTTP_WRITE_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_write_timeout_secs: Option<u64>,
+    /// Milliseconds a readiness check may take before it counts as down [default: 1000]
+    #[arg(long, env = "SENSORHUB_READY_TIMEOUT_MS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_ms: Option<u64>,
+    /// Unstored log bytes from which /health/ready says 503 [default: half of --journal-max-bytes]
+    #[arg(long, env = "SENSORHUB_READY_MAX_PENDING_BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_max_pending_bytes: Option<u64>,
+    /// Dead letters stored per reason and second; the rest counted, not stored (0: all) [default: 1000]
+    #[arg(long, env = "SENSORHUB_DEAD_LETTERS_PER_SECOND")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letters_per_second: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -447,6 +471,12 @@ impl Settings {
         self.external()?;
         if self.http_write_timeout_secs == 0 {
             return fail("http_write_timeout_secs must be at least 1".into());
+        }
+        if self.ready_timeout_ms == 0 {
+            return fail("ready_timeout_ms must be at least 1".into());
+        }
+        if self.ready_max_pending_bytes == Some(0) {
+            return fail("ready_max_pending_bytes must be at least 1".into());
         }
         if self.journal_segment_bytes < 64 * 1024 {
             return fail("journal_segment_bytes must be at least 65536".into());
@@ -587,6 +617,12 @@ impl Settings {
 }
 
 impl Settings {
+    /// Unstored log bytes from which the process is not ready.
+    pub fn ready_max_pending_bytes(&self) -> u64 {
+        self.ready_max_pending_bytes
+            .unwrap_or(self.journal_max_bytes / 2)
+    }
+
     /// How long readings are kept; `None`: forever.
     pub fn reading_retention(&self) -> Option<Duration> {
         (self.reading_retention_days > 0)

@@ -18,10 +18,11 @@
 //! - [`tls`]: certificates for MQTT over TLS and HTTPS, reloaded on SIGHUP;
 //! - [`domain`]: the vocabulary underneath (readings, timestamps, decoding), pure;
 //! - [`metrics`]: counters shared by all stages;
+//! - [`health`]: readiness checks, run in the background, reported by `/health/ready`;
 //! - [`config`], [`app`], [`cli`]: settings, wiring and the command line.
 //!
-//! Dependencies point one way: `domain`, `metrics`, `auth` and `tls` import nothing else of
-//! ours (`metrics` reads `domain`); `broker` imports those four; `journal`, `store`, `cache` and
+//! Dependencies point one way: `domain`, `metrics`, `health`, `auth` and `tls` import nothing
+//! else of ours (`metrics` reads `domain`); `broker` imports those four; `journal`, `store`, `cache` and
 //! `live` import only `domain` and `metrics`; `ingest` joins the adapters; `api` reads
 //! `store` and `cache` and never touches the broker; only `app` knows everything.
 
@@ -33,6 +34,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod health;
 pub mod ingest;
 pub mod journal;
 pub mod live;

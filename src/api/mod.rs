@@ -12,7 +12,9 @@
 mod deadline;
 mod error;
 mod memo;
+mod observe;
 mod params;
+mod probes;
 mod readings;
 mod sensors;
 mod stream;
@@ -20,7 +22,7 @@ mod types;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use poem::listener::TcpAcceptor;
@@ -31,6 +33,7 @@ use poem_openapi::{OpenApi, OpenApiService, Tags};
 
 use crate::cache::{Cache, Health};
 use crate::domain::{Kind, Reading, Reason, SensorId, Timestamp, json_array};
+use crate::health::Readiness;
 use crate::live::Live;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{DeadLetterCursor, DeadLetterQuery, Store};
@@ -59,6 +62,10 @@ pub struct ApiState {
     pub live: Arc<Live>,
     /// A sensor without a reading for this long is stale.
     pub stale_after: Duration,
+    /// The last round of readiness checks, for `/health/ready`.
+    pub readiness: Arc<Readiness>,
+    /// When the process started serving, for `/health/live`.
+    pub started: Instant,
 }
 
 impl ApiState {
@@ -81,7 +88,15 @@ impl ApiState {
             ranges: Arc::new(memo::RangeMemo::new(read_cache)),
             live: Arc::default(),
             stale_after: Duration::from_secs(300),
+            readiness: Arc::default(),
+            started: Instant::now(),
         }
+    }
+
+    /// The readiness checks `/health/ready` reports.
+    pub fn with_readiness(mut self, readiness: Arc<Readiness>) -> Self {
+        self.readiness = readiness;
+        self
     }
 
     /// The live feed the writer publishes to, and when a sensor counts as stale.
@@ -230,10 +245,11 @@ impl Api {
             .unwrap_or_else(Reply::from)
     }
 
-    /// Health
+    /// Health (legacy summary)
     ///
     /// Always 200 while the process serves; `status` is "degraded" while MongoDB or Redis is
-    /// unreachable.
+    /// unreachable. Kept for existing monitors: orchestrators should use `/health/live` and
+    /// `/health/ready`, which also see the MQTT listeners and the local log's disk.
     #[oai(path = "/health", method = "get")]
     async fn health(&self) -> Json<HealthOut> {
         let mongodb = tokio::time::timeout(Duration::from_secs(2), self.state.store.ping())
@@ -251,7 +267,9 @@ impl Api {
 
     /// Metrics
     ///
-    /// Counters and gauges in the Prometheus text format.
+    /// Counters, gauges and histograms in the Prometheus text format (0.0.4): the pipeline,
+    /// the local log's depth, MongoDB write latency, HTTP latency and responses by route
+    /// template, connected MQTT clients.
     #[oai(path = "/metrics", method = "get")]
     async fn metrics(&self) -> PlainText<String> {
         let mut gauges = (self.state.gauges)();
@@ -364,6 +382,7 @@ impl Api {
 
 /// The whole HTTP application: API, page, spec and UI.
 pub fn app(state: ApiState) -> impl poem::Endpoint {
+    let metrics = Arc::clone(&state.metrics);
     let service = OpenApiService::new(
         (
             sensors::Sensors {
@@ -373,6 +392,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
                 state: state.clone(),
             },
             stream::Stream {
+                state: state.clone(),
+            },
+            probes::Probes {
                 state: state.clone(),
             },
             Api { state },
@@ -391,12 +413,14 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
          sensor or path, 503 (with Retry-After) the dependency that is down.",
     )
     .server("/");
+    let templates = observe::Templates::from_spec(&service.spec());
     let ui = service.swagger_ui();
     let spec = service.spec_endpoint();
-    Route::new()
+    let routes = Route::new()
         .nest("/docs", ui)
         .at("/openapi.json", spec)
-        .nest("/", service)
+        .nest("/", service);
+    observe::observed(routes, metrics, templates)
         .catch_all_error(error::routing)
         // A bug must still answer in the one error shape (and is logged where it panicked).
         .with(poem::middleware::CatchPanic::new().with_handler(error::panicked))

@@ -276,6 +276,8 @@ impl<P> Capture<P> {
         match verdict {
             Ok(access) => {
                 self.session().access = Some(access);
+                // Given back when the codec, which lives as long as the connection, is dropped.
+                self.metrics.mqtt_clients.fetch_add(1, Ordering::Relaxed);
                 Ok(Packet::Connect(connect, props, will, will_props, login))
             }
             Err(refusal) => {
@@ -527,6 +529,9 @@ impl<P> Drop for Capture<P> {
         // QoS 0 messages of a closing connection may still be staged; they were never acked,
         // but they did arrive.
         let _ = self.flush();
+        if self.session().access.is_some() {
+            self.metrics.mqtt_clients.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::rustls;
 use tokio_util::sync::CancellationToken;
 
+use super::BrokerStatus;
 use super::capture::CaptureSink;
 use crate::domain::{Captured, TOPIC_PREFIX, Templates, Timestamp, is_captured};
 use crate::metrics::Metrics;
@@ -256,6 +257,7 @@ pub async fn run(
     config: ExternalConfig,
     sink: CaptureSink,
     metrics: Arc<Metrics>,
+    status: Arc<BrokerStatus>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let target = parse_url(&config.url)?;
@@ -281,9 +283,10 @@ pub async fn run(
     let (requests, pending) = mpsc::unbounded_channel();
     let sender = tokio::spawn(send_requests(client.clone(), pending));
     let result = poll(
-        eventloop, &config, &filters, &sink, &metrics, &requests, &stop,
+        eventloop, &config, &filters, &sink, &metrics, &status, &requests, &stop,
     )
     .await;
+    status.set_connected(false);
     drop(requests);
     let _ = client.try_disconnect();
     let _ = sender.await;
@@ -311,9 +314,11 @@ async fn poll(
     filters: &[String],
     sink: &CaptureSink,
     metrics: &Metrics,
+    status: &BrokerStatus,
     requests: &mpsc::UnboundedSender<Request>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let filter = shared_filter(&config.share_group)?;
     let broker = redacted(&config.url);
     // Short at first: after a broker restart, every moment without our subscription is a
     // moment in which a broker that does not restore shared subscriptions drops readings.
@@ -328,6 +333,7 @@ async fn poll(
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                 backoff = Duration::from_millis(20);
                 connected = true;
+                status.set_connected(true);
                 tracing::info!(
                     %broker,
                     client_id = %config.client_id,
@@ -373,6 +379,7 @@ async fn poll(
                     tracing::debug!(%broker, error = %e, "external MQTT broker unreachable");
                 }
                 connected = false;
+                status.set_connected(false);
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = stop.cancelled() => return Ok(()),

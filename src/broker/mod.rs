@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use figment::Figment;
@@ -156,10 +157,73 @@ fn override_listen(
     }
 }
 
+/// Whether the broker side takes readings, for readiness: every listener of the embedded
+/// broker still serves (its task runs; it was accepting when the broker started), or the
+/// subscription to the external broker is connected.
+#[derive(Debug, Default)]
+pub struct BrokerStatus {
+    listeners: AtomicUsize,
+    serving: AtomicUsize,
+    external: AtomicBool,
+    connected: AtomicBool,
+}
+
+impl BrokerStatus {
+    /// The status of external broker mode: down until the first CONNACK.
+    pub fn external() -> Self {
+        Self {
+            external: AtomicBool::new(true),
+            ..Self::default()
+        }
+    }
+
+    pub(crate) fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// A listener task starts; the guard marks it stopped when the task ends.
+    fn listener_started(self: &Arc<Self>) -> ServingGuard {
+        self.listeners.fetch_add(1, Ordering::Relaxed);
+        self.serving.fetch_add(1, Ordering::Relaxed);
+        ServingGuard(Arc::clone(self))
+    }
+
+    /// `Ok` with what serves, or `Err` with what does not.
+    pub fn check(&self) -> Result<String, String> {
+        if self.external.load(Ordering::Relaxed) {
+            return if self.connected.load(Ordering::Relaxed) {
+                Ok("subscribed to the external broker".into())
+            } else {
+                Err("not connected to the external broker".into())
+            };
+        }
+        let (all, serving) = (
+            self.listeners.load(Ordering::Relaxed),
+            self.serving.load(Ordering::Relaxed),
+        );
+        if all > 0 && serving == all {
+            Ok(format!("{all} listeners serving"))
+        } else {
+            Err(format!("{serving} of {all} MQTT listeners serving"))
+        }
+    }
+}
+
+/// Held by a listener's task; dropped when it ends, however it ends.
+#[derive(Debug)]
+struct ServingGuard(Arc<BrokerStatus>);
+
+impl Drop for ServingGuard {
+    fn drop(&mut self) {
+        self.0.serving.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// A running embedded broker.
 #[derive(Debug)]
 pub struct EmbeddedBroker {
     listeners: Vec<(String, SocketAddr)>,
+    status: Arc<BrokerStatus>,
     /// Where the device connections run (see `start`).
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -273,6 +337,7 @@ impl EmbeddedBroker {
             .enable_all()
             .build()
             .map_err(BrokerError::Runtime)?;
+        let status = Arc::new(BrokerStatus::default());
         let mut listeners = Vec::new();
         for (admission, settings) in servers {
             let name = settings.name.clone();
@@ -307,7 +372,9 @@ impl EmbeddedBroker {
                         .await
                 }
             });
+            let serving = status.listener_started();
             tasks.spawn(async move {
+                let _serving = serving;
                 let abort = serve.abort_handle();
                 let result = tokio::select! {
                     joined = serve => match joined {
@@ -350,7 +417,9 @@ impl EmbeddedBroker {
                     })?
             };
             let front_task = runtime.spawn(front::run(serve, certificates, handoff, stop.clone()));
+            let serving = status.listener_started();
             tasks.spawn(async move {
+                let _serving = serving;
                 match front_task.await {
                     Ok(Ok(())) if stop.is_cancelled() => Ok(()),
                     Ok(Ok(())) => anyhow::bail!("the MQTT TLS listener on {addr} stopped"),
@@ -362,8 +431,14 @@ impl EmbeddedBroker {
         }
         Ok(Self {
             listeners,
+            status,
             runtime: Some(runtime),
         })
+    }
+
+    /// Whether every listener still serves.
+    pub fn status(&self) -> Arc<BrokerStatus> {
+        Arc::clone(&self.status)
     }
 
     /// The listeners' names and addresses.

@@ -112,6 +112,12 @@ impl Cache {
         self.client.is_connected()
     }
 
+    /// One PING (on a cluster, to the node fred picks), for readiness.
+    pub async fn ping(&self) -> Result<(), CacheError> {
+        let _: String = self.client.ping(None).await?;
+        Ok(())
+    }
+
     // Keys are `{<prefix>}:latest:<sensor id>`, `{<prefix>}:latest` and `{<prefix>}:intact`. The
     // braces are a Redis Cluster hash tag. On a single Redis every key shares it, so one script
     // call updates a whole batch. On a Redis Cluster a script may only touch one slot, and one

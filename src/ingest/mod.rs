@@ -23,9 +23,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, Health, LATEST};
-use crate::domain::{DeadLetter, Limits, Reading, SensorId, decode};
+use crate::domain::{DeadLetter, DeadLetterBudget, Limits, Reading, Reason, SensorId, decode};
 use crate::journal::{Journal, JournalReader, Record};
-use crate::metrics::Metrics;
+use crate::metrics::{Histogram, Metrics, Seconds};
 use crate::store::{Store, StoreError, SummaryFold};
 
 /// How much of the log one write takes at most.
@@ -62,6 +62,9 @@ pub struct Writer {
     pub live: Arc<crate::live::Live>,
     /// Newly stored readings folded for the sensor summary, written by `summaries`.
     pub summaries: Arc<PendingSummaries>,
+    /// Which dead letters are stored; the rest are counted and dropped. Readings never pass
+    /// through it.
+    pub dead_letter_budget: DeadLetterBudget,
 }
 
 /// The sensor summary's share of what the writer stored and `summaries` has not written yet.
@@ -72,14 +75,19 @@ pub fn cache_queue() -> (mpsc::Sender<Vec<Reading>>, mpsc::Receiver<Vec<Reading>
     mpsc::channel(CACHE_QUEUE)
 }
 
-/// A batch MongoDB took, with the positions of its readings that were already stored.
-type Stored = (Batch, Vec<usize>);
+/// A batch MongoDB took, with the positions of its readings, then of its dead letters, that
+/// were already stored.
+type Stored = (Batch, Vec<usize>, Vec<usize>);
 
 /// A batch read from the log and judged, on its way to MongoDB.
 #[derive(Debug)]
 struct Batch {
     readings: Vec<Reading>,
     dead: Vec<DeadLetter>,
+    /// Dead letters over the budget, by reason: counted, not stored.
+    dropped: Vec<(Reason, u64)>,
+    /// Records read from the log for this batch.
+    records: usize,
     /// The log position just past the batch.
     end: u64,
     /// Read from the part of the log a previous run had not marked stored.
@@ -134,7 +142,9 @@ impl Writer {
                 done = oldest => {
                     in_flight.pop_front();
                     match done {
-                        Ok(Some((batch, duplicates))) => self.finish(batch, &duplicates),
+                        Ok(Some((batch, duplicates, dead_duplicates))) => {
+                            self.finish(batch, &duplicates, &dead_duplicates);
+                        }
                         // Aborted (or the task panicked): the log keeps the rest.
                         _ => return,
                     }
@@ -170,20 +180,37 @@ impl Writer {
                 }
             }
         };
+        // The reader's count only grows; `fetch_max` keeps the counter a counter.
         self.metrics
             .journal_corrupt_bytes
-            .store(self.reader.corrupt_bytes(), Ordering::Relaxed);
-        let (readings, dead) = judge(&records.records, &self.limits, self.journal.log_id());
+            .fetch_max(self.reader.corrupt_bytes(), Ordering::Relaxed);
+        let replayed = records
+            .records
+            .iter()
+            .filter(|r| r.lsn < replay_end)
+            .count();
+        self.metrics
+            .journal_records_replayed
+            .fetch_add(replayed as u64, Ordering::Relaxed);
+        self.metrics
+            .batch_records
+            .observe(records.records.len() as f64);
+        let (readings, mut dead) = judge(&records.records, &self.limits, self.journal.log_id());
+        let dropped = self.dead_letter_budget.retain(&mut dead);
         Some(Batch {
             readings,
             dead,
+            dropped,
+            records: records.records.len(),
             end: records.end,
-            replayed: records.records.first().is_some_and(|r| r.lsn < replay_end),
+            replayed: replayed > 0,
         })
     }
 
     /// Accounts for a stored batch, passes its new readings to Redis and moves the stored mark.
-    fn finish(&self, batch: Batch, duplicates: &[usize]) {
+    /// Dead letters MongoDB already held (a replay after a crash) are not counted again, as
+    /// readings are not.
+    fn finish(&self, batch: Batch, duplicates: &[usize], dead_duplicates: &[usize]) {
         let duplicates: HashSet<usize> = duplicates.iter().copied().collect();
         self.metrics.stored.fetch_add(
             (batch.readings.len() - duplicates.len()) as u64,
@@ -192,7 +219,10 @@ impl Writer {
         self.metrics
             .duplicates
             .fetch_add(duplicates.len() as u64, Ordering::Relaxed);
-        for (i, letter) in batch.dead.iter().enumerate() {
+        let new_letters = (batch.dead.iter().enumerate())
+            .filter(|(i, _)| !dead_duplicates.contains(i))
+            .map(|(_, letter)| letter);
+        for (i, letter) in new_letters.enumerate() {
             self.metrics.dead_letter(letter.reason);
             // A device gone haywire must not flood the log: a few per batch, then a count.
             if i < LOGGED_DEAD_LETTERS {
@@ -210,6 +240,17 @@ impl Writer {
                 "more dead letters in this batch; see GET /deadletters"
             );
         }
+        for &(reason, n) in &batch.dropped {
+            self.metrics.dead_letters_over_budget(reason, n);
+            tracing::warn!(
+                reason = reason.code(),
+                dropped = n,
+                "dead letters over the budget (--dead-letters-per-second) counted, not stored"
+            );
+        }
+        self.metrics
+            .journal_records_done
+            .fetch_add(batch.records as u64, Ordering::Relaxed);
         let stored_now = || {
             (batch.readings.iter().enumerate())
                 .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
@@ -339,24 +380,28 @@ async fn store_batch(
 ) -> Option<Stored> {
     let inserted = until_done(
         || store.insert_readings(&batch.readings),
+        (!batch.readings.is_empty()).then_some(&metrics.mongodb_write_readings),
         &metrics,
         &journal,
         &abort,
     )
     .await?;
-    until_done(
+    let kept = until_done(
         || store.insert_dead_letters(&batch.dead),
+        (!batch.dead.is_empty()).then_some(&metrics.mongodb_write_dead_letters),
         &metrics,
         &journal,
         &abort,
     )
     .await?;
-    Some((batch, inserted.duplicates))
+    Some((batch, inserted.duplicates, kept.duplicates))
 }
 
-/// Runs `write` until MongoDB accepts it, with backoff; `None` when aborted first.
+/// Runs `write` until MongoDB accepts it, with backoff, timing each attempt in `timed`;
+/// `None` when aborted first.
 async fn until_done<T, F, Fut>(
     mut write: F,
+    timed: Option<&Histogram<Seconds>>,
     metrics: &Metrics,
     journal: &Journal,
     abort: &CancellationToken,
@@ -369,7 +414,12 @@ where
     loop {
         // A server that hangs rather than fails would otherwise stall here without a word; the
         // abandoned attempt may still complete, which the retry then sees as duplicates.
-        let error = match tokio::time::timeout(WRITE_TIMEOUT, write()).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(WRITE_TIMEOUT, write()).await;
+        if let Some(histogram) = timed {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+        let error = match outcome {
             Ok(Ok(done)) => return Some(done),
             Ok(Err(e)) => e,
             Err(_) => StoreError::TimedOut(WRITE_TIMEOUT),

@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -62,6 +62,11 @@ use segment::{Event, SegmentScan};
 
 /// The extension of segments in the current format.
 const EXTENSION: &str = "wal2";
+/// How long an append that failed on I/O keeps the log "not writable" when none succeeds
+/// after it (no publisher sends any more) and the probe passes.
+const APPEND_ERROR_MEMORY: Duration = Duration::from_secs(10);
+/// The file `check_writable` writes and removes; no segment name.
+const PROBE_FILE: &str = "ready-probe";
 
 /// When appended bytes are forced to the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +132,10 @@ struct Shared {
     closed: AtomicBool,
     /// Why the log failed, once it has.
     failure: watch::Sender<Option<String>>,
+    /// The last append that failed on I/O (ENOSPC, EIO), until one succeeds.
+    append_error: Mutex<Option<(Instant, String)>>,
+    /// A readiness probe of the directory is running.
+    probing: AtomicBool,
     sync: SyncState,
     syncer: Mutex<Option<JoinHandle<()>>>,
     #[cfg(test)]
@@ -248,6 +257,8 @@ impl Journal {
             persisted: AtomicU64::new(stored),
             closed: AtomicBool::new(false),
             failure,
+            append_error: Mutex::new(None),
+            probing: AtomicBool::new(false),
             sync: SyncState {
                 durable: Mutex::new(end),
                 ..SyncState::default()
@@ -275,6 +286,48 @@ impl Journal {
     /// Appends `batch` as one write. Once this returns `Ok`, a process crash cannot lose it
     /// (and, with `FsyncPolicy::Always`, neither can power loss).
     pub fn append(&self, batch: &[Captured]) -> Result<(), AppendError> {
+        let result = self.write_batch(batch);
+        match &result {
+            Ok(()) if !batch.is_empty() => *lock(&self.shared.append_error) = None,
+            Err(AppendError::Io(e)) => {
+                *lock(&self.shared.append_error) = Some((Instant::now(), e.to_string()));
+            }
+            _ => {}
+        }
+        result
+    }
+
+    /// Whether the log takes appends now, for readiness: open, not failed, its directory takes
+    /// a write (a probe file of one block, written and removed: a full disk refuses it with
+    /// ENOSPC, a read-only one with EROFS), and no append failed on I/O within the last
+    /// `APPEND_ERROR_MEMORY` without one succeeding since (a disk that fills between probes,
+    /// or that has room for the probe and not for the appends). Blocking file I/O. A probe
+    /// still running (a disk that hangs) is not started twice: that is an error too.
+    pub fn check_writable(&self) -> Result<(), String> {
+        if self.is_closed() {
+            return Err("closed for shutdown".into());
+        }
+        if let Some(reason) = self.failure() {
+            return Err(format!("failed: {reason}"));
+        }
+        if self.shared.probing.swap(true, Ordering::AcqRel) {
+            return Err("the disk has not answered the previous probe".into());
+        }
+        let probed = probe_write(&self.shared.config.dir);
+        self.shared.probing.store(false, Ordering::Release);
+        probed.map_err(|e| format!("cannot write to the log's directory: {e}"))?;
+        if let Some((at, error)) = lock(&self.shared.append_error).as_ref()
+            && at.elapsed() < APPEND_ERROR_MEMORY
+        {
+            return Err(format!(
+                "an append failed {} ms ago: {error}",
+                at.elapsed().as_millis()
+            ));
+        }
+        Ok(())
+    }
+
+    fn write_batch(&self, batch: &[Captured]) -> Result<(), AppendError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -798,6 +851,22 @@ fn list_segments(dir: &Path, extension: &str) -> io::Result<Vec<u64>> {
     }
     bases.sort_unstable();
     Ok(bases)
+}
+
+/// Writes one block to a new file in `dir`, then removes it (not synced: only whether the
+/// filesystem takes the write matters).
+fn probe_write(dir: &Path) -> io::Result<()> {
+    let path = dir.join(PROBE_FILE);
+    // A file left by a crash must go first: truncating it would free the very blocks the
+    // write then reuses, and a full disk would pass.
+    let _ = fs::remove_file(&path);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .and_then(|mut file| file.write_all(&[0; format::BLOCK_BYTES]));
+    let removed = fs::remove_file(&path);
+    written.and(removed)
 }
 
 /// Makes the directory's entries (created, renamed) durable.

@@ -1167,3 +1167,27 @@ fn an_interrupted_conversion_is_finished_or_redone() {
         assert!(list_segments(dir.path(), extension).unwrap().is_empty());
     }
 }
+
+#[test]
+fn readiness_sees_a_failed_log_a_closed_one_and_a_directory_that_takes_no_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    assert_eq!(journal.check_writable(), Ok(()));
+    assert!(
+        !dir.path().join(PROBE_FILE).exists(),
+        "the probe leaves nothing behind"
+    );
+    journal.shared.fail("injected".into());
+    let failed = journal.check_writable().unwrap_err();
+    assert!(failed.contains("injected"), "{failed}");
+    journal.shutdown();
+
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(config(dir.path())).unwrap();
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    let unwritable = journal.check_writable().unwrap_err();
+    assert!(unwritable.contains("cannot write"), "{unwritable}");
+    journal.close();
+    assert_eq!(journal.check_writable(), Err("closed for shutdown".into()));
+    journal.shutdown();
+}

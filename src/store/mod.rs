@@ -184,7 +184,7 @@ pub struct DeadLetterQuery {
 /// The outcome of storing a batch: which readings were already there.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Inserted {
-    /// Positions in the batch of readings whose key was already stored.
+    /// Positions in the batch of documents whose `_id` was already stored.
     pub duplicates: Vec<usize>,
 }
 
@@ -334,10 +334,14 @@ impl Store {
         &self.writes
     }
 
-    /// Keeps dead letters; one already kept (a replay) is not an error.
-    pub async fn insert_dead_letters(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+    /// Keeps dead letters; one already kept (a replay, or a retry of a write that did land)
+    /// is reported, not an error.
+    pub async fn insert_dead_letters(
+        &self,
+        letters: &[DeadLetter],
+    ) -> Result<Inserted, StoreError> {
         if letters.is_empty() {
-            return Ok(());
+            return Ok(Inserted::default());
         }
         let docs: Vec<DeadLetterDoc> = letters
             .iter()
@@ -355,9 +359,11 @@ impl Store {
             })
             .collect();
         match self.dead_letters.insert_many(&docs).ordered(false).await {
-            Ok(_) => Ok(()),
-            Err(e) if only_duplicates(&e).is_some() => Ok(()),
-            Err(e) => Err(e.into()),
+            Ok(_) => Ok(Inserted::default()),
+            Err(e) => match only_duplicates(&e) {
+                Some(duplicates) => Ok(Inserted { duplicates }),
+                None => Err(e.into()),
+            },
         }
     }
 

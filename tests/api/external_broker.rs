@@ -14,7 +14,7 @@ use crate::tls::Ca;
 
 const READINGS: usize = 20_000;
 
-fn external_args(broker_port: u16, group: &str, client_id: &str) -> Vec<String> {
+pub fn external_args(broker_port: u16, group: &str, client_id: &str) -> Vec<String> {
     [
         "--external-broker",
         &format!("mqtt://127.0.0.1:{broker_port}"),

@@ -95,6 +95,24 @@ impl Server {
         self.signal("-KILL");
     }
 
+    /// Freezes the process (SIGSTOP): its port stays open, connections stay up, nothing answers.
+    pub fn freeze(&self) {
+        self.send("-STOP");
+    }
+
+    /// Lets a frozen process run again (SIGCONT).
+    pub fn thaw(&self) {
+        self.send("-CONT");
+    }
+
+    fn send(&self, signal: &str) {
+        let status = Command::new("pkill")
+            .args([signal, "-f", &format!("{} .*{}", self.program, self.port)])
+            .status()
+            .expect("pkill");
+        assert!(status.success(), "no {} process to signal", self.program);
+    }
+
     /// Asks the process to stop (SIGTERM) and waits until it has and its port is free.
     pub fn terminate(&mut self) {
         self.signal("-TERM");
