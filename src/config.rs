@@ -120,6 +120,17 @@ pub struct Settings {
     /// Seconds an HTTP write may make no progress before the connection is closed: cuts off
     /// clients that stop reading (a `/stream` subscriber gone silent, a slowloris reader).
     pub http_write_timeout_secs: u64,
+    /// Key file of the HTTP API (`sensorhub apikey`). With it every data endpoint needs
+    /// `Authorization: Bearer <key>`: a read key for reads, an admin key for deleting readings
+    /// and replaying dead letters. Reloaded on SIGHUP. Without it the API is open.
+    pub api_keys: Option<PathBuf>,
+    /// Origins a browser may call the API from (`https://dash.example.com`, or `*` for any):
+    /// CORS headers and preflight answers for them. Empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
+    /// The longest time range, in days, a range query (`/readings`, `/startoenddate`, export,
+    /// aggregate, Grafana series) may span; a longer or open-ended one is a 400 naming the
+    /// parameter. 0: no limit.
+    pub max_range_days: u64,
 }
 
 impl Default for Settings {
@@ -168,6 +179,9 @@ impl Default for Settings {
             reading_retention_days: 0,
             sensor_stale_secs: 300,
             http_write_timeout_secs: 30,
+            api_keys: None,
+            cors_origins: Vec::new(),
+            max_range_days: 0,
         }
     }
 }
@@ -361,6 +375,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_HTTP_WRITE_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_write_timeout_secs: Option<u64>,
+    /// HTTP API key file (`sensorhub apikey`): data endpoints need a bearer key [default: none]
+    #[arg(long, env = "SENSORHUB_API_KEYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<PathBuf>,
+    /// Origins allowed to call the API from a browser, comma-separated, or * [default: none]
+    #[arg(long, env = "SENSORHUB_CORS_ORIGINS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors_origins: Option<Vec<String>>,
+    /// Longest span of a range query in days (0: no limit) [default: 0]
+    #[arg(long, env = "SENSORHUB_MAX_RANGE_DAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_range_days: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -439,6 +465,9 @@ impl Settings {
             return fail("simulate_sensors and simulate_interval_ms must be positive".into());
         }
         self.tls_files()?;
+        for origin in &self.cors_origins {
+            check_origin(origin).map_err(|e| ConfigError::Invalid(format!("cors_origins: {e}")))?;
+        }
         if self.mqtts_listen.is_some() && self.tls_cert.is_none() {
             return fail("mqtts_listen needs tls_cert and tls_key".into());
         }
@@ -570,6 +599,31 @@ impl Settings {
     /// The settings as a `sensorhub.toml` would write them (unset optional ones left out).
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, no path; or `*`.
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(|| format!("'{origin}' is not an origin such as https://dash.example.com"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+        return Err(format!(
+            "'{origin}' is not an origin: scheme, host and port only, no path"
+        ));
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// The longest span a range query may have; `None`: no limit.
+    pub fn max_range(&self) -> Option<Duration> {
+        (self.max_range_days > 0)
+            .then(|| Duration::from_secs(self.max_range_days.saturating_mul(86_400)))
     }
 }
 
@@ -809,6 +863,17 @@ mod tests {
         };
         largest.validate().unwrap();
         assert!(bad(|s| s.tls_cert = Some("c.pem".into())).contains("tls_key"));
+        assert!(
+            bad(|s| s.cors_origins = vec!["https://a.example/path".into()])
+                .contains("cors_origins")
+        );
+        assert!(bad(|s| s.cors_origins = vec!["a.example".into()]).contains("cors_origins"));
+        Settings {
+            cors_origins: vec!["*".into(), "http://localhost:3000".into()],
+            ..Settings::default()
+        }
+        .validate()
+        .unwrap();
         assert!(
             bad(|s| s.mqtts_listen = Some(SocketAddr::from(([0, 0, 0, 0], 8883))))
                 .contains("tls_cert")
