@@ -4,12 +4,16 @@
 //! The paths of the system sensorhub replaces stay valid: `/startoenddate`, `/latestten`,
 //! `/latestten/{sensor_id}`, `/allData`, `/`, `/docs`, and the spellings its users call
 //! (`/alldata`, `/starttoenddate`). The rest: `sensors` (summary), `readings` (history, export,
-//! aggregates, Grafana), `stream` (live), `params` (typed parameters), `error` (the one
+//! aggregates, Grafana), `stream` (live), `admin` (the destructive operations), `access` (API
+//! keys), `docs` (the document as served), `params` (typed parameters), `error` (the one
 //! mapping to HTTP), `page/` (the live page, served as it is). Handlers translate between HTTP
 //! and the domain; they never build queries or cache keys (store and cache do) and never touch
 //! the broker.
 
+mod access;
+mod admin;
 mod deadline;
+mod docs;
 mod error;
 mod memo;
 mod params;
@@ -29,11 +33,13 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{Html, Json, PlainText};
 use poem_openapi::{OpenApi, OpenApiService, Tags};
 
+use crate::auth::ApiKeys;
 use crate::cache::{Cache, Health};
-use crate::domain::{Kind, Reading, Reason, SensorId, Timestamp, json_array};
+use crate::domain::{Kind, Limits, Reading, Reason, SensorId, Timestamp, json_array};
 use crate::live::Live;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{DeadLetterCursor, DeadLetterQuery, Store};
+use access::ReadKey;
 pub use deadline::WriteDeadline;
 pub use error::ApiError;
 use params::encode;
@@ -59,6 +65,21 @@ pub struct ApiState {
     pub live: Arc<Live>,
     /// A sensor without a reading for this long is stale.
     pub stale_after: Duration,
+    /// Keys, CORS, limits and the decoder's settings.
+    pub options: Arc<ApiOptions>,
+}
+
+/// Who may call the API, from where, and how much one request may ask for.
+#[derive(Clone, Debug, Default)]
+pub struct ApiOptions {
+    /// The key file in force; `None`: the API is open.
+    pub keys: Option<Arc<ApiKeys>>,
+    /// Origins with CORS headers; `*` any. Empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// The longest span of a range query; `None`: no limit.
+    pub max_range: Option<Duration>,
+    /// What a reading may be: the decoder's settings, for replaying dead letters.
+    pub limits: Limits,
 }
 
 impl ApiState {
@@ -81,7 +102,14 @@ impl ApiState {
             ranges: Arc::new(memo::RangeMemo::new(read_cache)),
             live: Arc::default(),
             stale_after: Duration::from_secs(300),
+            options: Arc::default(),
         }
+    }
+
+    /// Keys, CORS, limits and the decoder's settings.
+    pub fn with_options(mut self, options: ApiOptions) -> Self {
+        self.options = Arc::new(options);
+        self
     }
 
     /// The live feed the writer publishes to, and when a sensor counts as stale.
@@ -103,6 +131,8 @@ enum Tag {
     Grafana,
     /// Readings as they arrive.
     Live,
+    /// Destructive operations: an admin key when the server runs with API keys.
+    Admin,
     /// The latest ten, dead letters, health and metrics.
     Service,
 }
@@ -160,6 +190,7 @@ impl Api {
     #[oai(path = "/latestten/:sensor_id", method = "get")]
     async fn latest_of_sensor(
         &self,
+        _key: ReadKey,
         /// The sensor's id.
         sensor_id: Path<String>,
         /// Only readings of this kind (e.g. temperature).
@@ -197,7 +228,7 @@ impl Api {
     /// Newest first, by the sensors' own timestamps. Served from Redis; while Redis is down or
     /// being rebuilt, from MongoDB (header `X-Sensorhub-Source: mongodb`).
     #[oai(path = "/latestten", method = "get")]
-    async fn latest_overall(&self) -> Readings {
+    async fn latest_overall(&self, _key: ReadKey) -> Readings {
         match self.latest(None).await {
             Ok((body, source)) => Reply::Ok(
                 RawJsonArray::from_bytes(body.unwrap_or_else(|| Bytes::from_static(b"[]"))),
@@ -216,6 +247,7 @@ impl Api {
     #[oai(path = "/deadletters", method = "get")]
     async fn dead_letters(
         &self,
+        _key: ReadKey,
         /// Only this reason.
         reason: Query<Option<params::ReasonParam>>,
         /// Dead letters per page (default 100).
@@ -364,6 +396,7 @@ impl Api {
 
 /// The whole HTTP application: API, page, spec and UI.
 pub fn app(state: ApiState) -> impl poem::Endpoint {
+    let options = Arc::clone(&state.options);
     let service = OpenApiService::new(
         (
             sensors::Sensors {
@@ -373,6 +406,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
                 state: state.clone(),
             },
             stream::Stream {
+                state: state.clone(),
+            },
+            admin::Admin {
                 state: state.clone(),
             },
             Api { state },
@@ -385,19 +421,84 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
         "MQTT sensor readings as queryable history. Devices publish \
          {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind>; sensorhub stores every \
          reading in MongoDB and keeps the latest ten per sensor in Redis. Every error is \
-         {\"error\": code, \"message\": text}: 400 names the bad parameter, 404 an unknown \
+         {\"error\": code, \"message\": text}: 400 names the bad parameter, 401/403 a missing \
+         or insufficient API key (only when the server runs with --api-keys), 404 an unknown \
          sensor or path, 503 (with Retry-After) the dependency that is down.",
     )
     .server("/");
-    let ui = service.swagger_ui();
-    let spec = service.spec_endpoint();
-    Route::new()
-        .nest("/docs", ui)
-        .at("/openapi.json", spec)
+    let document = Arc::new(docs::Document::new(
+        &service.spec(),
+        &service.swagger_ui_html(),
+        options.keys.is_some(),
+    ));
+    let (spec, ui) = (document.spec.clone(), document.ui.clone());
+    let routes = Route::new()
+        .at(
+            "/docs",
+            poem::endpoint::make_sync(move |_| poem::web::Html(ui.clone())),
+        )
+        .at(
+            "/openapi.json",
+            poem::endpoint::make_sync(move |_| {
+                poem::Response::builder()
+                    .content_type("application/json")
+                    .body(spec.clone())
+            }),
+        )
         .nest("/", service)
+        .data(access::Keys(options.keys.clone()))
+        .before(error::limit_body)
+        .catch_all_error(error::routing);
+    let cors = cors(&options.cors_origins);
+    let listed = options.cors_origins.clone();
+    routes
+        .with_if(cors.is_some(), cors.unwrap_or_default())
+        // An origin not listed gets no CORS headers (its browser then keeps the answer from
+        // the page) rather than an error: same-origin requests carry an Origin too.
+        .before(move |mut request| {
+            let unlisted = request
+                .headers()
+                .get(poem::http::header::ORIGIN)
+                .is_some_and(|o| {
+                    !listed
+                        .iter()
+                        .any(|l| l == "*" || o.as_bytes() == l.as_bytes())
+                });
+            if unlisted {
+                request.headers_mut().remove(poem::http::header::ORIGIN);
+            }
+            async move { Ok(request) }
+        })
+        // Refusals of the CORS layer (an origin not listed) in the same shape.
         .catch_all_error(error::routing)
+        .around(move |endpoint, request| {
+            let document = Arc::clone(&document);
+            error::allow(endpoint, request, document)
+        })
         // A bug must still answer in the one error shape (and is logged where it panicked).
         .with(poem::middleware::CatchPanic::new().with_handler(error::panicked))
+}
+
+/// CORS for the configured origins; `None` when there are none (no CORS headers at all).
+fn cors(origins: &[String]) -> Option<poem::middleware::Cors> {
+    if origins.is_empty() {
+        return None;
+    }
+    let mut cors = poem::middleware::Cors::new()
+        .allow_methods(["GET", "HEAD", "POST", "DELETE"])
+        .allow_headers(["authorization", "last-event-id", "accept"])
+        .expose_headers([
+            "link",
+            "x-sensorhub-source",
+            "retry-after",
+            "content-disposition",
+        ])
+        .max_age(600);
+    // poem's Cors allows every origin when none is listed: `*` is exactly that.
+    if !origins.iter().any(|o| o == "*") {
+        cors = cors.allow_origins(origins.iter().map(String::as_str));
+    }
+    Some(cors)
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then lets requests in flight finish
