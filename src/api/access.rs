@@ -158,7 +158,8 @@ macro_rules! guard {
         $(#[$doc])*
         #[derive(Debug)]
         pub struct $ty {
-            /// The key's name; `None` when the API runs without keys.
+            /// The key's name, for the log of what it did; `None` when the API runs without
+            /// keys.
             #[allow(dead_code)]
             pub name: Option<String>,
         }

@@ -74,16 +74,16 @@ impl Admin {
     /// Deletes the readings of `sensor_id` with `start <= timestamp <= end` (of `kind` only,
     /// when given) from MongoDB, then takes them out of Redis's latest ten (refilled from
     /// MongoDB) and out of the sensor summary of `/sensors`: its counts go down by exactly what
-    /// was deleted, its first and last seen are read again from the readings that remain (a
-    /// reading stored during the delete may leave the previous value shown until the sensor's
-    /// next reading). A sensor left without readings disappears from `/sensors`. An end before
+    /// was deleted, its first and last seen are read again from the readings that remain (the
+    /// summary trails the writer by up to 500 ms, so for a sensor reporting meanwhile they may
+    /// show a deleted or older reading until its next one). A sensor left without readings disappears from `/sensors`. An end before
     /// the start deletes nothing. 404 when the sensor has no readings at all; 503 when MongoDB,
     /// or Redis after the delete, is unreachable: the same request sent again completes it.
     /// Needs an admin key when the server runs with API keys.
     #[oai(path = "/sensors/:sensor_id/readings", method = "delete")]
     async fn delete_readings(
         &self,
-        _key: AdminKey,
+        key: AdminKey,
         /// The sensor's id.
         sensor_id: Path<String>,
         /// Start of the range, inclusive (RFC 3339; naive ISO 8601 is read as UTC).
@@ -93,7 +93,7 @@ impl Admin {
         /// Only readings of this kind.
         kind: Query<Option<String>>,
     ) -> Reply<Json<DeletedOut>> {
-        self.delete(&sensor_id.0, start.0.0, end.0.0, kind.0)
+        self.delete(&key, &sensor_id.0, start.0.0, end.0.0, kind.0)
             .await
             .map(|out| Reply::Ok(Json(out), None, None))
             .unwrap_or_else(Reply::from)
@@ -112,14 +112,14 @@ impl Admin {
     #[oai(path = "/dead-letters/replay", method = "post")]
     async fn replay(
         &self,
-        _key: AdminKey,
+        key: AdminKey,
         /// The reason whose dead letters are replayed.
         reason: Query<ReasonParam>,
         /// Dead letters looked at, at most (default 10000).
         #[oai(validator(minimum(value = "1"), maximum(value = "100000")))]
         limit: Query<Option<u32>>,
     ) -> Reply<Json<ReplayOut>> {
-        self.replay_reason(reason.0.0, limit.0.unwrap_or(10_000))
+        self.replay_reason(&key, reason.0.0, limit.0.unwrap_or(10_000))
             .await
             .map(|out| Reply::Ok(Json(out), None, None))
             .unwrap_or_else(Reply::from)
@@ -129,6 +129,7 @@ impl Admin {
 impl Admin {
     async fn delete(
         &self,
+        key: &AdminKey,
         sensor_id: &str,
         start: crate::domain::Timestamp,
         end: crate::domain::Timestamp,
@@ -154,6 +155,7 @@ impl Admin {
             .delete_readings(&id, start, end, kind.as_ref())
             .await?;
         tracing::info!(
+            key = key.name.as_deref().unwrap_or("-"),
             sensor_id = %id,
             %start,
             %end,
@@ -212,7 +214,12 @@ impl Admin {
         Ok(())
     }
 
-    async fn replay_reason(&self, reason: Reason, limit: u32) -> Result<ReplayOut, ApiError> {
+    async fn replay_reason(
+        &self,
+        key: &AdminKey,
+        reason: Reason,
+        limit: u32,
+    ) -> Result<ReplayOut, ApiError> {
         let store = &self.state.store;
         let mut out = ReplayOut {
             reason: reason.code().to_owned(),
@@ -270,6 +277,7 @@ impl Admin {
             );
         }
         tracing::info!(
+            key = key.name.as_deref().unwrap_or("-"),
             reason = reason.code(),
             examined = out.examined,
             replayed = out.replayed,

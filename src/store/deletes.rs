@@ -4,8 +4,9 @@
 //! A delete counts what it removed kind by kind (one `deleteMany` per kind), so the summary's
 //! counts can go down by exactly that with `$inc`, which commutes with the writer's own `$inc`s
 //! however they interleave. First and last seen cannot be moved back by a commuting operator:
-//! they are read again from the readings that remain and set, which a reading stored in the same
-//! instant can overtake (the summary then shows the previous last value until the next reading).
+//! they are read again from the readings that remain and set, which the writer's summary of
+//! readings stored just before or during the delete can overtake (the summary then shows a
+//! deleted or an older last value until the sensor's next reading).
 
 use bson::{DateTime, Document, doc};
 

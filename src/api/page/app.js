@@ -158,8 +158,13 @@ async function loadSensors() {
   let n = 0;
   for (const state of cards.values()) {
     if (n++ >= HISTORY_FOR) break;
+    // The day before the last reading: within any range limit the server sets
+    // (--max-range-days is at least 1).
+    const last = Date.parse(state.when.dataset.ts);
     const q = "/readings?order=desc&limit=" + MAX_POINTS + "&sensor_id=" +
-      encodeURIComponent(state.root.dataset.sensor) + "&kind=" + encodeURIComponent(state.root.dataset.kind);
+      encodeURIComponent(state.root.dataset.sensor) + "&kind=" + encodeURIComponent(state.root.dataset.kind) +
+      "&start=" + encodeURIComponent(new Date(last - 86400000).toISOString()) +
+      "&end=" + encodeURIComponent(new Date(last).toISOString());
     json(q).then((p) => { for (const r of p.readings) show(state, r, false); }).catch(() => {});
   }
 }
