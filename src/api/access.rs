@@ -1,5 +1,5 @@
-//! Who may call what: the bearer-key guards of the data endpoints, declared in the OpenAPI
-//! document as the `ApiKey` security scheme.
+//! Who may call what, and from which web pages: the bearer-key guards of the data endpoints,
+//! declared in the OpenAPI document as the `ApiKey` security scheme, and CORS.
 //!
 //! A guarded handler takes `ReadKey` or `AdminKey` as its first argument; poem-openapi then
 //! lists the scheme on the operation and runs the check before any parameter is parsed, so a
@@ -104,6 +104,45 @@ impl poem::error::ResponseError for KeyRefused {
         }
         response
     }
+}
+
+/// CORS for the configured origins; `None` when there are none (no CORS headers at all).
+pub fn cors(origins: &[String]) -> Option<poem::middleware::Cors> {
+    if origins.is_empty() {
+        return None;
+    }
+    let mut cors = poem::middleware::Cors::new()
+        .allow_methods(["GET", "HEAD", "POST", "DELETE"])
+        .allow_headers(["authorization", "last-event-id", "accept"])
+        .expose_headers([
+            "link",
+            "x-sensorhub-source",
+            "retry-after",
+            "content-disposition",
+        ])
+        .max_age(600);
+    // poem's Cors allows every origin when none is listed: `*` is exactly that.
+    if !origins.iter().any(|o| o == "*") {
+        cors = cors.allow_origins(origins.iter().map(String::as_str));
+    }
+    Some(cors)
+}
+
+/// An origin not listed gets no CORS headers (its browser then keeps the answer from the page)
+/// rather than an error: same-origin requests carry an `Origin` too. Runs before `cors`.
+pub async fn forget_unlisted_origin(
+    listed: Arc<[String]>,
+    mut request: Request,
+) -> poem::Result<Request> {
+    let unlisted = request.headers().get(header::ORIGIN).is_some_and(|origin| {
+        !listed
+            .iter()
+            .any(|l| l == "*" || origin.as_bytes() == l.as_bytes())
+    });
+    if unlisted {
+        request.headers_mut().remove(header::ORIGIN);
+    }
+    Ok(request)
 }
 
 /// The bearer key of a request, if it sent one.

@@ -449,27 +449,13 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
         .data(access::Keys(options.keys.clone()))
         .before(error::limit_body)
         .catch_all_error(error::routing);
-    let cors = cors(&options.cors_origins);
-    let listed = options.cors_origins.clone();
+    let cors = access::cors(&options.cors_origins);
+    let listed: Arc<[String]> = options.cors_origins.clone().into();
     routes
         .with_if(cors.is_some(), cors.unwrap_or_default())
-        // An origin not listed gets no CORS headers (its browser then keeps the answer from
-        // the page) rather than an error: same-origin requests carry an Origin too.
-        .before(move |mut request| {
-            let unlisted = request
-                .headers()
-                .get(poem::http::header::ORIGIN)
-                .is_some_and(|o| {
-                    !listed
-                        .iter()
-                        .any(|l| l == "*" || o.as_bytes() == l.as_bytes())
-                });
-            if unlisted {
-                request.headers_mut().remove(poem::http::header::ORIGIN);
-            }
-            async move { Ok(request) }
-        })
-        // Refusals of the CORS layer (an origin not listed) in the same shape.
+        .before(move |request| access::forget_unlisted_origin(Arc::clone(&listed), request))
+        // Refusals of the CORS layer (a preflight asking for a method or header it does not
+        // allow) in the same shape.
         .catch_all_error(error::routing)
         .around(move |endpoint, request| {
             let document = Arc::clone(&document);
@@ -477,28 +463,6 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
         })
         // A bug must still answer in the one error shape (and is logged where it panicked).
         .with(poem::middleware::CatchPanic::new().with_handler(error::panicked))
-}
-
-/// CORS for the configured origins; `None` when there are none (no CORS headers at all).
-fn cors(origins: &[String]) -> Option<poem::middleware::Cors> {
-    if origins.is_empty() {
-        return None;
-    }
-    let mut cors = poem::middleware::Cors::new()
-        .allow_methods(["GET", "HEAD", "POST", "DELETE"])
-        .allow_headers(["authorization", "last-event-id", "accept"])
-        .expose_headers([
-            "link",
-            "x-sensorhub-source",
-            "retry-after",
-            "content-disposition",
-        ])
-        .max_age(600);
-    // poem's Cors allows every origin when none is listed: `*` is exactly that.
-    if !origins.iter().any(|o| o == "*") {
-        cors = cors.allow_origins(origins.iter().map(String::as_str));
-    }
-    Some(cors)
 }
 
 /// Serves `state` on `listener` until `shutdown` resolves, then lets requests in flight finish
