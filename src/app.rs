@@ -15,8 +15,8 @@ use anyhow::Context as _;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiState};
-use crate::auth::{Device, Gatekeeper, SensorPattern, hash_password};
+use crate::api::{self, ApiOptions, ApiState};
+use crate::auth::{ApiKeys, Device, Gatekeeper, SensorPattern, hash_password};
 use crate::broker::{self, BrokerStatus, CaptureSink, EmbeddedBroker, ListenOverrides, Security};
 use crate::cache::{Cache, CacheConfig, Health};
 use crate::config::{Settings, redact};
@@ -78,6 +78,12 @@ impl Application {
             },
         )?;
         let gatekeeper = gatekeeper(&settings, &mut broker_config)?;
+        let api_keys = match &settings.api_keys {
+            Some(path) => Some(Arc::new(
+                ApiKeys::from_file(path).context("cannot load the HTTP API keys (--api-keys)")?,
+            )),
+            None => None,
+        };
         let certificates = match settings.tls_files()? {
             Some(files) => Some(Arc::new(
                 Certificates::load(files).context("cannot load the TLS certificate")?,
@@ -268,6 +274,7 @@ impl Application {
         services.spawn(reload_on_sighup(
             Arc::clone(&gatekeeper.0),
             certificates.clone(),
+            api_keys.clone(),
             intake.clone(),
         ));
 
@@ -303,7 +310,13 @@ impl Application {
             Duration::from_millis(settings.read_cache_ms),
         )
         .with_live(live, Duration::from_secs(settings.sensor_stale_secs))
-        .with_readiness(readiness);
+        .with_readiness(readiness)
+        .with_options(ApiOptions {
+            keys: api_keys,
+            cors_origins: settings.cors_origins.clone(),
+            max_range: settings.max_range(),
+            limits: settings.limits()?,
+        });
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let write_timeout = Duration::from_secs(settings.http_write_timeout_secs);
         let http = match &certificates {
@@ -604,11 +617,12 @@ fn gatekeeper(
     Ok((Arc::new(gatekeeper), simulator))
 }
 
-/// On SIGHUP, reads the credentials and the certificates again. A file that does not load
-/// leaves the old ones in force.
+/// On SIGHUP, reads the credentials, the certificates and the API keys again. A file that does
+/// not load leaves the old ones in force.
 async fn reload_on_sighup(
     gatekeeper: Arc<Gatekeeper>,
     certificates: Option<Arc<Certificates>>,
+    api_keys: Option<Arc<ApiKeys>>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     #[cfg(unix)]
@@ -621,10 +635,12 @@ async fn reload_on_sighup(
                 () = stop.cancelled() => return Ok(()),
             }
             let (gatekeeper, certificates) = (Arc::clone(&gatekeeper), certificates.clone());
+            let keys = api_keys.clone();
             let reloaded = tokio::task::spawn_blocking(move || {
                 let credentials = gatekeeper.enforced().then(|| gatekeeper.reload());
                 let tls = certificates.map(|c| c.reload());
-                (credentials, tls)
+                let keys = keys.map(|k| k.reload());
+                (credentials, tls, keys)
             })
             .await
             .context("the reload panicked")?;
@@ -644,11 +660,19 @@ async fn reload_on_sighup(
                 ),
                 None => {}
             }
+            match reloaded.2 {
+                Some(Ok(count)) => tracing::info!(keys = count, "HTTP API keys reloaded"),
+                Some(Err(e)) => tracing::error!(
+                    error = crate::error_chain(&e),
+                    "cannot reload the HTTP API keys; the previous ones stay in force"
+                ),
+                None => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = (gatekeeper, certificates);
+        let _ = (gatekeeper, certificates, api_keys);
         stop.cancelled().await;
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! The command line: `sensorhub [serve]`, `sensorhub simulate`, `sensorhub passwd`, and how
-//! logs are written.
+//! The command line: `sensorhub [serve]`, `sensorhub simulate`, `sensorhub passwd`,
+//! `sensorhub apikey`, and how logs are written.
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -42,6 +42,9 @@ pub enum Command {
     /// Add or replace an MQTT credential in a credentials file (created if missing). The
     /// password is read from stdin, one line; only its Argon2id hash is stored.
     Passwd(PasswdArgs),
+    /// Create or replace an HTTP API key in a key file (created if missing) and print it, once,
+    /// on stdout; only its hash is stored. A running sensorhub picks it up on SIGHUP.
+    Apikey(ApikeyArgs),
     /// Work with the settings of `serve`.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -73,6 +76,26 @@ pub struct PasswdArgs {
     /// Remove the user's credential instead.
     #[arg(long, conflicts_with_all = ["allow", "subscribe"])]
     pub delete: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApikeyArgs {
+    /// The key file (`--api-keys` of `serve`).
+    pub file: PathBuf,
+    /// The key's name, to tell keys apart (and replace or delete one).
+    pub name: String,
+    /// read: every GET data endpoint; admin: also deleting readings and replaying dead letters.
+    #[arg(long, value_enum, required_unless_present = "delete")]
+    pub role: Option<RoleArg>,
+    /// Remove the named key instead.
+    #[arg(long, conflicts_with = "role")]
+    pub delete: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RoleArg {
+    Read,
+    Admin,
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +182,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Simulate(args)) => simulate(args).await,
         Some(Command::Passwd(args)) => passwd(args),
+        Some(Command::Apikey(args)) => apikey(&args),
         Some(Command::Config(ConfigCommand::Check(args))) => config_check(&args),
     }
 }
@@ -179,6 +203,9 @@ fn config_check(args: &ServeArgs) -> anyhow::Result<()> {
     if let Some(path) = &settings.mqtt_auth {
         auth::Gatekeeper::from_file(path, settings.mqtt_allow_anonymous, Vec::new())
             .context("cannot load the MQTT credentials (mqtt_auth)")?;
+    }
+    if let Some(path) = &settings.api_keys {
+        auth::ApiKeys::from_file(path).context("cannot load the HTTP API keys (api_keys)")?;
     }
     if let Some(files) = settings.tls_files()? {
         crate::tls::Certificates::load(files).context("cannot load the TLS certificate")?;
@@ -242,6 +269,42 @@ fn passwd(args: PasswdArgs) -> anyhow::Result<()> {
         user = %args.user,
         file = %args.file.display(),
         "credential saved; a running sensorhub picks it up on SIGHUP"
+    );
+    Ok(())
+}
+
+/// `sensorhub apikey`: the new key goes to stdout, once; the file keeps its hash.
+fn apikey(args: &ApikeyArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut file = auth::KeyFile::read_or_new(&args.file)?;
+    if args.delete {
+        let before = file.keys.len();
+        file.keys.retain(|k| k.name != args.name);
+        anyhow::ensure!(
+            file.keys.len() != before,
+            "{} has no key named '{}'",
+            args.file.display(),
+            args.name
+        );
+        file.save(&args.file)?;
+        tracing::info!(name = %args.name, file = %args.file.display(), "API key removed");
+        return Ok(());
+    }
+    let role = match args.role {
+        Some(RoleArg::Admin) => auth::Role::Admin,
+        Some(RoleArg::Read) | None => auth::Role::Read,
+    };
+    let key = file.issue(&args.name, role).map_err(anyhow::Error::msg)?;
+    file.save(&args.file)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{key}")
+        .and_then(|()| out.flush())
+        .context("cannot write the key to stdout")?;
+    tracing::info!(
+        name = %args.name,
+        role = role.name(),
+        file = %args.file.display(),
+        "API key saved (shown once, above); a running sensorhub picks it up on SIGHUP"
     );
     Ok(())
 }

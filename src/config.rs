@@ -141,6 +141,17 @@ pub struct Settings {
     /// Dead letters stored per reason and per second of arrival; the rest are counted in
     /// `sensorhub_dead_letters_dropped_total` and dropped. 0: every one is stored.
     pub dead_letters_per_second: u32,
+    /// Key file of the HTTP API (`sensorhub apikey`). With it every data endpoint needs
+    /// `Authorization: Bearer <key>`: a read key for reads, an admin key for deleting readings
+    /// and replaying dead letters. Reloaded on SIGHUP. Without it the API is open.
+    pub api_keys: Option<PathBuf>,
+    /// Origins a browser may call the API from (`https://dash.example.com`, or `*` for any):
+    /// CORS headers and preflight answers for them. Empty: no CORS headers at all.
+    pub cors_origins: Vec<String>,
+    /// The longest time range, in days, a range query (`/readings`, `/startoenddate`, export,
+    /// aggregate, Grafana series) may span; a longer or open-ended one is a 400 naming the
+    /// parameter. 0: no limit.
+    pub max_range_days: u64,
 }
 
 impl Default for Settings {
@@ -194,6 +205,9 @@ impl Default for Settings {
             ready_timeout_ms: 1000,
             ready_max_pending_bytes: None,
             dead_letters_per_second: DeadLetterBudget::DEFAULT_PER_SECOND,
+            api_keys: None,
+            cors_origins: Vec::new(),
+            max_range_days: 0,
         }
     }
 }
@@ -413,6 +427,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_DEAD_LETTERS_PER_SECOND")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dead_letters_per_second: Option<u32>,
+    /// HTTP API key file (`sensorhub apikey`): data endpoints need a bearer key [default: none]
+    #[arg(long, env = "SENSORHUB_API_KEYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_keys: Option<PathBuf>,
+    /// Origins allowed to call the API from a browser, comma-separated, or * [default: none]
+    #[arg(long, env = "SENSORHUB_CORS_ORIGINS", value_delimiter = ',')]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors_origins: Option<Vec<String>>,
+    /// Longest span of a range query in days (0: no limit) [default: 0]
+    #[arg(long, env = "SENSORHUB_MAX_RANGE_DAYS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_range_days: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -502,6 +528,9 @@ impl Settings {
             return fail("simulate_sensors and simulate_interval_ms must be positive".into());
         }
         self.tls_files()?;
+        for origin in &self.cors_origins {
+            check_origin(origin).map_err(|e| ConfigError::Invalid(format!("cors_origins: {e}")))?;
+        }
         if self.mqtts_listen.is_some() && self.tls_cert.is_none() {
             return fail("mqtts_listen needs tls_cert and tls_key".into());
         }
@@ -643,6 +672,31 @@ impl Settings {
     /// The settings as a `sensorhub.toml` would write them (unset optional ones left out).
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string(self).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+/// An origin as browsers send it: `scheme://host[:port]`, no path; or `*`.
+fn check_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(|| format!("'{origin}' is not an origin such as https://dash.example.com"))?;
+    if rest.is_empty() || rest.contains(['/', '?', '#', ' ']) {
+        return Err(format!(
+            "'{origin}' is not an origin: scheme, host and port only, no path"
+        ));
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// The longest span a range query may have; `None`: no limit.
+    pub fn max_range(&self) -> Option<Duration> {
+        (self.max_range_days > 0)
+            .then(|| Duration::from_secs(self.max_range_days.saturating_mul(86_400)))
     }
 }
 
@@ -891,6 +945,17 @@ mod tests {
                 .contains("topic_templates[0] 'plant/+site/+kind' has no +sensor_id")
         );
         assert!(bad(|s| s.tls_cert = Some("c.pem".into())).contains("tls_key"));
+        assert!(
+            bad(|s| s.cors_origins = vec!["https://a.example/path".into()])
+                .contains("cors_origins")
+        );
+        assert!(bad(|s| s.cors_origins = vec!["a.example".into()]).contains("cors_origins"));
+        Settings {
+            cors_origins: vec!["*".into(), "http://localhost:3000".into()],
+            ..Settings::default()
+        }
+        .validate()
+        .unwrap();
         assert!(
             bad(|s| s.mqtts_listen = Some(SocketAddr::from(([0, 0, 0, 0], 8883))))
                 .contains("tls_cert")

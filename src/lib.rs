@@ -14,7 +14,8 @@
 //! - [`live`]: the fan-out of newly stored readings to `/stream` subscribers;
 //! - [`api`]: the HTTP API, OpenAPI document, UI and live page;
 //! - [`simulator`]: simulated sensors over real MQTT;
-//! - [`auth`]: device credentials and grants, enforced by the broker's codec;
+//! - [`auth`]: device credentials and grants, enforced by the broker's codec; the HTTP API's
+//!   bearer keys, checked by the API;
 //! - [`tls`]: certificates for MQTT over TLS and HTTPS, reloaded on SIGHUP;
 //! - [`domain`]: the vocabulary underneath (readings, timestamps, decoding), pure;
 //! - [`metrics`]: counters shared by all stages;
@@ -24,7 +25,8 @@
 //! Dependencies point one way: `domain`, `metrics`, `health`, `auth` and `tls` import nothing
 //! else of ours (`metrics` reads `domain`); `broker` imports those four; `journal`, `store`, `cache` and
 //! `live` import only `domain` and `metrics`; `ingest` joins the adapters; `api` reads
-//! `store` and `cache` and never touches the broker; only `app` knows everything.
+//! `store` and `cache`, checks keys with `auth`, and never touches the broker; only `app`
+//! knows everything.
 
 pub mod api;
 pub mod app;

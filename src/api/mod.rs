@@ -4,12 +4,16 @@
 //! The paths of the system sensorhub replaces stay valid: `/startoenddate`, `/latestten`,
 //! `/latestten/{sensor_id}`, `/allData`, `/`, `/docs`, and the spellings its users call
 //! (`/alldata`, `/starttoenddate`). The rest: `sensors` (summary), `readings` (history, export,
-//! aggregates, Grafana), `stream` (live), `params` (typed parameters), `error` (the one
+//! aggregates, Grafana), `stream` (live), `admin` (the destructive operations), `access` (API
+//! keys), `docs` (the document as served), `params` (typed parameters), `error` (the one
 //! mapping to HTTP), `page/` (the live page, served as it is). Handlers translate between HTTP
 //! and the domain; they never build queries or cache keys (store and cache do) and never touch
 //! the broker.
 
+mod access;
+mod admin;
 mod deadline;
+mod docs;
 mod error;
 mod memo;
 mod observe;
@@ -31,12 +35,14 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::{Html, Json, PlainText};
 use poem_openapi::{OpenApi, OpenApiService, Tags};
 
+use crate::auth::ApiKeys;
 use crate::cache::{Cache, Health};
-use crate::domain::{Kind, Reading, Reason, SensorId, Timestamp, json_array};
+use crate::domain::{Kind, Limits, Reading, Reason, SensorId, Timestamp, json_array};
 use crate::health::Readiness;
 use crate::live::Live;
 use crate::metrics::{Gauges, Metrics};
 use crate::store::{DeadLetterCursor, DeadLetterQuery, Store};
+use access::ReadKey;
 pub use deadline::WriteDeadline;
 pub use error::ApiError;
 use params::encode;
@@ -66,6 +72,21 @@ pub struct ApiState {
     pub readiness: Arc<Readiness>,
     /// When the process started serving, for `/health/live`.
     pub started: Instant,
+    /// Keys, CORS, limits and the decoder's settings.
+    pub options: Arc<ApiOptions>,
+}
+
+/// Who may call the API, from where, and how much one request may ask for.
+#[derive(Clone, Debug, Default)]
+pub struct ApiOptions {
+    /// The key file in force; `None`: the API is open.
+    pub keys: Option<Arc<ApiKeys>>,
+    /// Origins with CORS headers; `*` any. Empty: no CORS headers.
+    pub cors_origins: Vec<String>,
+    /// The longest span of a range query; `None`: no limit.
+    pub max_range: Option<Duration>,
+    /// What a reading may be: the decoder's settings, for replaying dead letters.
+    pub limits: Limits,
 }
 
 impl ApiState {
@@ -90,12 +111,19 @@ impl ApiState {
             stale_after: Duration::from_secs(300),
             readiness: Arc::default(),
             started: Instant::now(),
+            options: Arc::default(),
         }
     }
 
     /// The readiness checks `/health/ready` reports.
     pub fn with_readiness(mut self, readiness: Arc<Readiness>) -> Self {
         self.readiness = readiness;
+        self
+    }
+
+    /// Keys, CORS, limits and the decoder's settings.
+    pub fn with_options(mut self, options: ApiOptions) -> Self {
+        self.options = Arc::new(options);
         self
     }
 
@@ -118,6 +146,8 @@ enum Tag {
     Grafana,
     /// Readings as they arrive.
     Live,
+    /// Destructive operations: an admin key when the server runs with API keys.
+    Admin,
     /// The latest ten, dead letters, health and metrics.
     Service,
 }
@@ -175,6 +205,7 @@ impl Api {
     #[oai(path = "/latestten/:sensor_id", method = "get")]
     async fn latest_of_sensor(
         &self,
+        _key: ReadKey,
         /// The sensor's id.
         sensor_id: Path<String>,
         /// Only readings of this kind (e.g. temperature).
@@ -212,7 +243,7 @@ impl Api {
     /// Newest first, by the sensors' own timestamps. Served from Redis; while Redis is down or
     /// being rebuilt, from MongoDB (header `X-Sensorhub-Source: mongodb`).
     #[oai(path = "/latestten", method = "get")]
-    async fn latest_overall(&self) -> Readings {
+    async fn latest_overall(&self, _key: ReadKey) -> Readings {
         match self.latest(None).await {
             Ok((body, source)) => Reply::Ok(
                 RawJsonArray::from_bytes(body.unwrap_or_else(|| Bytes::from_static(b"[]"))),
@@ -231,6 +262,7 @@ impl Api {
     #[oai(path = "/deadletters", method = "get")]
     async fn dead_letters(
         &self,
+        _key: ReadKey,
         /// Only this reason.
         reason: Query<Option<params::ReasonParam>>,
         /// Dead letters per page (default 100).
@@ -383,6 +415,7 @@ impl Api {
 /// The whole HTTP application: API, page, spec and UI.
 pub fn app(state: ApiState) -> impl poem::Endpoint {
     let metrics = Arc::clone(&state.metrics);
+    let options = Arc::clone(&state.options);
     let service = OpenApiService::new(
         (
             sensors::Sensors {
@@ -397,6 +430,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
             probes::Probes {
                 state: state.clone(),
             },
+            admin::Admin {
+                state: state.clone(),
+            },
             Api { state },
             Pages,
         ),
@@ -409,17 +445,48 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
          {\"sensor_id\", \"timestamp\", \"values\": {kind: value}}; or on topics the operator's \
          templates name, whose levels give sensor_id, kind and tags); sensorhub stores every \
          reading in MongoDB and keeps the latest ten per sensor in Redis. Every error is \
-         {\"error\": code, \"message\": text}: 400 names the bad parameter, 404 an unknown \
+         {\"error\": code, \"message\": text}: 400 names the bad parameter, 401/403 a missing \
+         or insufficient API key (only when the server runs with --api-keys), 404 an unknown \
          sensor or path, 503 (with Retry-After) the dependency that is down.",
     )
     .server("/");
     let templates = observe::Templates::from_spec(&service.spec());
-    let ui = service.swagger_ui();
-    let spec = service.spec_endpoint();
+    let document = Arc::new(docs::Document::new(
+        &service.spec(),
+        &service.swagger_ui_html(),
+        options.keys.is_some(),
+    ));
+    let (spec, ui) = (document.spec.clone(), document.ui.clone());
     let routes = Route::new()
-        .nest("/docs", ui)
-        .at("/openapi.json", spec)
-        .nest("/", service);
+        .at(
+            "/docs",
+            poem::endpoint::make_sync(move |_| poem::web::Html(ui.clone())),
+        )
+        .at(
+            "/openapi.json",
+            poem::endpoint::make_sync(move |_| {
+                poem::Response::builder()
+                    .content_type("application/json")
+                    .body(spec.clone())
+            }),
+        )
+        .nest("/", service)
+        .data(access::Keys(options.keys.clone()))
+        .before(error::limit_body)
+        .catch_all_error(error::routing);
+    let cors = access::cors(&options.cors_origins);
+    let listed: Arc<[String]> = options.cors_origins.clone().into();
+    let routes = routes
+        .with_if(cors.is_some(), cors.unwrap_or_default())
+        .before(move |request| access::forget_unlisted_origin(Arc::clone(&listed), request))
+        // Refusals of the CORS layer (a preflight asking for a method or header it does not
+        // allow) in the same shape.
+        .catch_all_error(error::routing)
+        .around(move |endpoint, request| {
+            let document = Arc::clone(&document);
+            error::allow(endpoint, request, document)
+        });
+    // Every answer counted by route, the refusals of keys, CORS and limits included.
     observe::observed(routes, metrics, templates)
         .catch_all_error(error::routing)
         // A bug must still answer in the one error shape (and is logged where it panicked).

@@ -8,6 +8,7 @@ use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{Enum, OpenApi};
 
+use super::access::ReadKey;
 use super::error::ApiError;
 use super::memo;
 use super::params::{
@@ -134,6 +135,40 @@ struct Page {
 }
 
 impl History {
+    /// Refuses a range longer than `max_range_days` (or open at either end while a limit is set),
+    /// naming the parameter to change. A reversed range is empty, never too long.
+    fn check_span(
+        &self,
+        start: Option<Timestamp>,
+        end: Option<Timestamp>,
+        (start_name, end_name): (&str, &str),
+    ) -> Result<(), ApiError> {
+        let Some(max) = self.state.options.max_range else {
+            return Ok(());
+        };
+        let days = max.as_secs() / 86_400;
+        let (Some(start), Some(end)) = (start, end) else {
+            let missing = if start.is_none() {
+                start_name
+            } else {
+                end_name
+            };
+            return Err(ApiError::BadRequest(format!(
+                "parameter '{missing}' is required: this server answers ranges of at most \
+                 {days} days (max_range_days)"
+            )));
+        };
+        let span_ms = end.as_millis().saturating_sub(start.as_millis());
+        if span_ms > i64::try_from(max.as_millis()).unwrap_or(i64::MAX) {
+            return Err(ApiError::BadRequest(format!(
+                "parameter '{end_name}': the range from {start_name} to {end_name} spans more \
+                 than {days} days, the most this server answers (max_range_days); ask for \
+                 shorter ranges"
+            )));
+        }
+        Ok(())
+    }
+
     /// A keyset page: `limit + 1` asked for, so "more follow" is known without counting.
     async fn page(
         &self,
@@ -210,6 +245,7 @@ impl History {
         limit: Option<u32>,
         cursor: Option<String>,
     ) -> Result<Reply<RawJson<ReadingPageOut>>, ApiError> {
+        self.check_span(range.start, range.end, ("start", "end"))?;
         let limit = limit.unwrap_or(DEFAULT_PAGE);
         let again = range.query("start", "end");
         let order_name = match order {
@@ -237,6 +273,7 @@ impl History {
         limit: Option<u32>,
         cursor: Option<String>,
     ) -> Result<Reply<RawJsonArray<ReadingOut>>, ApiError> {
+        self.check_span(range.start, range.end, ("startDate", "endDate"))?;
         let limit = limit.unwrap_or(DEFAULT_PAGE);
         let again = range.query("startDate", "endDate");
         let page = self
@@ -272,6 +309,7 @@ impl History {
         zone: Zone,
         empty: EmptyParam,
     ) -> Result<AggregateOut, ApiError> {
+        self.check_span(range.start, range.end, ("start", "end"))?;
         let mut wanted: Vec<Stat> = Vec::new();
         for stat in stats.into_iter().filter_map(|s| s.0) {
             if !wanted.contains(&stat) {
@@ -412,6 +450,7 @@ impl History {
     #[allow(clippy::too_many_arguments)]
     async fn readings(
         &self,
+        _key: ReadKey,
         /// Start of the range, inclusive (RFC 3339; naive ISO 8601 is read as UTC). Default: the
         /// oldest reading.
         start: Query<Option<DateTimeParam>>,
@@ -450,8 +489,10 @@ impl History {
     /// UTC (`2024-05-01T12:00:00.123456`, `2024-05-01`). An end before the start is an empty
     /// range.
     #[oai(path = "/startoenddate", method = "get")]
+    #[allow(clippy::too_many_arguments)]
     async fn range(
         &self,
+        _key: ReadKey,
         /// Start of the range, inclusive.
         #[oai(name = "startDate")]
         start_date: Query<DateTimeParam>,
@@ -484,8 +525,10 @@ impl History {
     ///
     /// The same as `/startoenddate`, under the name the original system's README gives it.
     #[oai(path = "/starttoenddate", method = "get", deprecated)]
+    #[allow(clippy::too_many_arguments)]
     async fn range_alias(
         &self,
+        _key: ReadKey,
         /// Start of the range, inclusive.
         #[oai(name = "startDate")]
         start_date: Query<DateTimeParam>,
@@ -503,7 +546,7 @@ impl History {
         #[oai(validator(pattern = "^-?[0-9]{1,15}:[^:]*:"))]
         cursor: Query<Option<String>>,
     ) -> Reply<RawJsonArray<ReadingOut>> {
-        self.range(start_date, end_date, sensor_id, kind, limit, cursor)
+        self.range(_key, start_date, end_date, sensor_id, kind, limit, cursor)
             .await
     }
 
@@ -513,8 +556,10 @@ impl History {
     /// cursor as CSV or newline-delimited JSON: no row cap, and memory stays flat however many
     /// rows there are. `Content-Disposition` names the file.
     #[oai(path = "/readings/export", method = "get")]
+    #[allow(clippy::too_many_arguments)]
     async fn export(
         &self,
+        _key: ReadKey,
         /// Start of the range, inclusive. Default: the oldest reading.
         start: Query<Option<DateTimeParam>>,
         /// End of the range, inclusive. Default: the newest reading.
@@ -534,6 +579,9 @@ impl History {
             sensor_ids: sensor_id.0,
             kind: kind.0,
         };
+        if let Err(e) = self.check_span(range.start, range.end, ("start", "end")) {
+            return Export::Error(e.into());
+        }
         let order: Order = order.0.unwrap_or_default().into();
         let format = format.0.unwrap_or_default();
         let readings = match self.state.store.stream(&range.filter(), order).await {
@@ -592,6 +640,7 @@ impl History {
     #[allow(clippy::too_many_arguments)]
     async fn aggregate(
         &self,
+        _key: ReadKey,
         /// The sensor.
         sensor_id: Query<String>,
         /// Only readings of this kind; without it, each kind has its own buckets.
@@ -644,6 +693,7 @@ impl History {
     #[oai(path = "/grafana/series", method = "get", tag = "Tag::Grafana")]
     async fn grafana_series(
         &self,
+        _key: ReadKey,
         /// The sensors (repeat the parameter for several); all sensors when absent.
         sensor_id: Query<Vec<String>>,
         /// Only readings of this kind.
@@ -657,6 +707,9 @@ impl History {
         max_points: Query<Option<u32>>,
     ) -> Reply<Json<Vec<SeriesRow>>> {
         let (from, to) = (from.0.0, to.0.0);
+        if let Err(e) = self.check_span(Some(from), Some(to), ("from", "to")) {
+            return e.into();
+        }
         if to < from {
             return Reply::Ok(Json(Vec::new()), None, None);
         }
@@ -700,7 +753,7 @@ impl History {
     /// memory stays flat however large it is. For pages use `/readings`; for files
     /// `/readings/export`.
     #[oai(path = "/allData", method = "get")]
-    async fn all_data(&self) -> Reply<JsonArrayStream<ReadingOut>> {
+    async fn all_data(&self, _key: ReadKey) -> Reply<JsonArrayStream<ReadingOut>> {
         match self.state.store.stream_all().await {
             Ok(readings) => {
                 let items = readings.map(|r| match r {
@@ -720,7 +773,7 @@ impl History {
     ///
     /// The same as `/allData`, under the lowercase path the original system's code served.
     #[oai(path = "/alldata", method = "get", deprecated)]
-    async fn all_data_alias(&self) -> Reply<JsonArrayStream<ReadingOut>> {
-        self.all_data().await
+    async fn all_data_alias(&self, _key: ReadKey) -> Reply<JsonArrayStream<ReadingOut>> {
+        self.all_data(_key).await
     }
 }

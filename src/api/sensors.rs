@@ -5,6 +5,7 @@ use poem_openapi::OpenApi;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 
+use super::access::ReadKey;
 use super::error::ApiError;
 use super::types::{
     KindOut, RawJson, ReadingOut, ReadingPageOut, Reply, SensorOut, SensorPageOut, page_json,
@@ -100,6 +101,7 @@ impl Sensors {
     #[oai(path = "/sensors", method = "get")]
     async fn sensors(
         &self,
+        _key: ReadKey,
         /// Only sensors whose id starts with this.
         prefix: Query<Option<String>>,
         /// Only sensors that reported this kind.
@@ -133,6 +135,7 @@ impl Sensors {
     #[oai(path = "/sensors/:sensor_id", method = "get")]
     async fn sensor(
         &self,
+        _key: ReadKey,
         /// The sensor's id.
         sensor_id: Path<String>,
     ) -> Reply<Json<SensorOut>> {
@@ -153,6 +156,7 @@ impl Sensors {
     #[oai(path = "/latest", method = "get")]
     async fn latest(
         &self,
+        _key: ReadKey,
         /// Only readings of this kind.
         kind: Query<Option<String>>,
         /// Only sensors whose id starts with this.

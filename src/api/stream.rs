@@ -16,6 +16,7 @@ use poem_openapi::OpenApi;
 use poem_openapi::param::{Header, Query};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::access::ReadKey;
 use super::types::{EventStreamOf, ReadingOut, Reply};
 use super::{ApiState, Tag};
 use crate::domain::Reading;
@@ -102,6 +103,7 @@ impl Stream {
     #[oai(path = "/stream", method = "get")]
     async fn stream(
         &self,
+        _key: ReadKey,
         /// Only these sensors (repeat the parameter for several).
         sensor_id: Query<Vec<String>>,
         /// Only readings of this kind.

@@ -84,7 +84,8 @@ impl From<DeadLetter> for DeadLetterOut {
 #[derive(Debug, Object)]
 #[oai(example)]
 pub struct ErrorBody {
-    /// bad_request, not_found, method_not_allowed or unavailable.
+    /// bad_request, unauthorized, forbidden, not_found, method_not_allowed,
+    /// payload_too_large or unavailable.
     pub error: String,
     /// What went wrong and, where it helps, what to send instead.
     pub message: String,
@@ -447,6 +448,18 @@ pub enum Reply<T: Payload + IntoResponse + Send> {
     /// A parameter is missing or invalid; the message names it.
     #[oai(status = 400)]
     BadRequest(Json<ErrorBody>),
+    /// No API key, or one the server does not hold (only when it runs with `--api-keys`).
+    #[oai(status = 401)]
+    Unauthorized(
+        Json<ErrorBody>,
+        /// `Bearer realm="sensorhub"`, with `error="invalid_token"` when a key was refused.
+        #[oai(header = "WWW-Authenticate")]
+        String,
+    ),
+    /// The key is valid but its role does not allow this operation (a read key on an admin
+    /// operation).
+    #[oai(status = 403)]
+    Forbidden(Json<ErrorBody>),
     /// Nothing is known under that name.
     #[oai(status = 404)]
     NotFound(Json<ErrorBody>),

@@ -167,24 +167,28 @@ impl CredentialsFile {
 
     /// Writes the file readable by its owner only, replacing it atomically.
     pub fn save(&self, path: &Path) -> Result<(), FileError> {
-        let text = self.to_text()?;
-        let write = |source| FileError::Write {
-            path: path.display().to_string(),
-            source,
-        };
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write as _;
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create(true).truncate(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-            let mut file = options.open(&tmp).map_err(write)?;
-            file.write_all(text.as_bytes()).map_err(write)?;
-            file.sync_all().map_err(write)?;
-        }
-        std::fs::rename(&tmp, path).map_err(write)
+        write_private(path, &self.to_text()?)
     }
+}
+
+/// Writes `text` to `path` readable by its owner only, replacing the file atomically.
+pub(super) fn write_private(path: &Path, text: &str) -> Result<(), FileError> {
+    let write = |source| FileError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write as _;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp).map_err(write)?;
+        file.write_all(text.as_bytes()).map_err(write)?;
+        file.sync_all().map_err(write)?;
+    }
+    std::fs::rename(&tmp, path).map_err(write)
 }
 
 /// An Argon2id hash of `password` with a fresh random salt (OWASP's parameters: 19 MiB, t=2).

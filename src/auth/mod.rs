@@ -1,5 +1,6 @@
 //! Who a device is and what it may do: the credentials file, password verification, and the
-//! grants the broker's capture codec enforces on CONNECT, PUBLISH and SUBSCRIBE.
+//! grants the broker's capture codec enforces on CONNECT, PUBLISH and SUBSCRIBE; and the bearer
+//! keys of the HTTP API (`api_keys`), which the API checks.
 //!
 //! This module knows nothing of MQTT packets or sockets: the codec asks it questions (may this
 //! login connect? may this grant write this sensor id?) and turns the answers into reason codes.
@@ -7,6 +8,7 @@
 //! blocks its caller, bounds how many run at once, and remembers recent successes so a fleet
 //! reconnecting after an outage does not cost one Argon2 run per device each time.
 
+pub mod api_keys;
 mod file;
 mod pattern;
 
@@ -17,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use argon2::password_hash::{PasswordHash, PasswordVerifier as _};
 use blake2::{Blake2b512, Digest as _};
 
+pub use api_keys::{ApiKeys, KeyFile, KeyRefusal, Role};
 pub use file::{CredentialsFile, Device, DeviceEntry, FileError, check_user, hash_password};
 pub use pattern::{FilterPattern, SensorPattern, unshared};
 

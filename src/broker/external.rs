@@ -261,7 +261,6 @@ pub async fn run(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let target = parse_url(&config.url)?;
-    let filters = filters(&config.share_group, &config.templates)?;
     let mut options = MqttOptions::new(&config.client_id, &target.host, target.port);
     options
         .set_clean_session(false)
@@ -283,7 +282,7 @@ pub async fn run(
     let (requests, pending) = mpsc::unbounded_channel();
     let sender = tokio::spawn(send_requests(client.clone(), pending));
     let result = poll(
-        eventloop, &config, &filters, &sink, &metrics, &status, &requests, &stop,
+        eventloop, &config, &sink, &metrics, &status, &requests, &stop,
     )
     .await;
     status.set_connected(false);
@@ -311,14 +310,13 @@ async fn send_requests(client: AsyncClient, mut pending: mpsc::UnboundedReceiver
 async fn poll(
     mut eventloop: EventLoop,
     config: &ExternalConfig,
-    filters: &[String],
     sink: &CaptureSink,
     metrics: &Metrics,
     status: &BrokerStatus,
     requests: &mpsc::UnboundedSender<Request>,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let filter = shared_filter(&config.share_group)?;
+    let filters = filters(&config.share_group, &config.templates)?;
     let broker = redacted(&config.url);
     // Short at first: after a broker restart, every moment without our subscription is a
     // moment in which a broker that does not restore shared subscriptions drops readings.
@@ -343,7 +341,7 @@ async fn poll(
                 );
                 // A resumed session keeps its subscriptions; subscribing again is harmless and
                 // covers a broker that lost its sessions.
-                for filter in filters {
+                for filter in &filters {
                     requests.send(Request::Subscribe(filter.clone()))?;
                 }
             }

@@ -25,7 +25,7 @@ use fred::types::scripts::Script;
 
 use bytes::Bytes;
 
-use crate::domain::{Reading, SensorId, json_array};
+use crate::domain::{Kind, Reading, SensorId, Timestamp, json_array};
 use memo::Memo;
 
 /// How many readings each latest set keeps.
@@ -195,6 +195,40 @@ impl Cache {
         }
         let key = sensor.map_or_else(|| self.overall_key(), |id| self.sensor_key(id));
         self.merge(vec![(key, readings.iter().collect())]).await
+    }
+
+    /// Removes from the sensor's set and from the overall set the readings of `sensor` timestamped
+    /// within `start..=end` (of `kind` only, when given): what a delete in MongoDB removed.
+    /// Only those members go, so readings added meanwhile stay; refill the sets with `rebuild`.
+    pub async fn forget(
+        &self,
+        sensor: &SensorId,
+        start: Timestamp,
+        end: Timestamp,
+        kind: Option<&Kind>,
+    ) -> Result<(), CacheError> {
+        for key in [self.sensor_key(sensor), self.overall_key()] {
+            let members: Vec<String> = self
+                .client
+                .zrangebyscore(&key, start.as_millis(), end.as_millis(), false, None)
+                .await?;
+            let gone: Vec<String> = members
+                .into_iter()
+                .filter(|m| {
+                    let Ok(v) = serde_json::from_str::<serde_json::Value>(m) else {
+                        return false;
+                    };
+                    v["sensor_id"] == sensor.as_str()
+                        && kind.is_none_or(|k| v["kind"] == k.as_str())
+                })
+                .collect();
+            if !gone.is_empty() {
+                let result: Result<i64, _> = self.client.zrem(&key, gone).await;
+                self.memo.invalidate([key.as_str()]);
+                result?;
+            }
+        }
+        Ok(())
     }
 
     /// `ZADD` then trim to ten, for every set, in one script call. A pipeline would do too, but

@@ -6,6 +6,7 @@
 //! leave this module. It must not decide anything about readings (that is `domain`) nor retry
 //! (that is the caller's policy).
 
+mod deletes;
 mod history;
 mod retention;
 mod summaries;
@@ -22,6 +23,7 @@ use mongodb::{Client, Collection, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{DeadLetter, Kind, Reading, Reason, SensorId, Tags, Timestamp};
+pub use deletes::Deleted;
 pub use history::{
     AggregateQuery, Bucket, Order, RangeCursor, RangeQuery, ReadingFilter, SeriesPoint,
     SeriesQuery, Stat, Stats,

@@ -125,7 +125,7 @@ impl SummaryDoc {
 }
 
 /// A kind as a field name: `.` and a leading `$` would be read as paths and operators.
-fn escape_field(kind: &str) -> String {
+pub(super) fn escape_field(kind: &str) -> String {
     let mut out = String::with_capacity(kind.len());
     for c in kind.chars() {
         match c {

@@ -7,6 +7,7 @@
 mod helpers;
 
 mod all_data;
+mod api_keys;
 mod batches;
 mod corpus;
 mod external_broker;

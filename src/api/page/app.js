@@ -1,6 +1,8 @@
 // The live page: sensors from /sensors (again every few seconds), a small chart each from
 // /readings, and /stream for every reading stored while it is open.
 // Plain JavaScript, no build step and nothing fetched from anywhere but this server.
+// When the server runs with API keys, open the page as /#key=<read key> (the fragment never
+// leaves the browser) or paste the key when asked; it is kept for this tab only.
 "use strict";
 
 const MAX_CARDS = 60;      // cards drawn at most (the rest are counted)
@@ -13,6 +15,33 @@ const cards = new Map();   // "sensor\u0000kind" -> card state
 const staleMs = 300000;
 
 const $ = (id) => document.getElementById(id);
+
+let apiKey = null;
+try {
+  const fromUrl = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (fromUrl) {
+    sessionStorage.setItem("sensorhub-key", fromUrl);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  apiKey = sessionStorage.getItem("sensorhub-key");
+} catch (_) { /* storage off: ask when needed */ }
+
+function authHeaders(headers) {
+  if (apiKey) headers.authorization = "Bearer " + apiKey;
+  return headers;
+}
+
+// After a 401: asks for a key once per page load.
+let asked = false;
+function askForKey() {
+  if (asked) return false;
+  asked = true;
+  const key = window.prompt("This sensorhub needs an API key (sensorhub apikey FILE NAME --role read):");
+  if (!key) return false;
+  apiKey = key.trim();
+  try { sessionStorage.setItem("sensorhub-key", apiKey); } catch (_) { /* tab only */ }
+  return true;
+}
 
 function key(sensor, kind) { return sensor + "\u0000" + kind; }
 
@@ -102,7 +131,10 @@ function staleness() {
 }
 
 async function json(path) {
-  const r = await fetch(path, { headers: { accept: "application/json" } });
+  let r = await fetch(path, { headers: authHeaders({ accept: "application/json" }) });
+  if (r.status === 401 && askForKey()) {
+    r = await fetch(path, { headers: authHeaders({ accept: "application/json" }) });
+  }
   if (!r.ok) throw new Error(path + ": " + r.status);
   return r.json();
 }
@@ -136,24 +168,73 @@ async function loadSensors() {
   for (const [k, state] of cards) {
     if (before.has(k) || historyFetched >= HISTORY_FOR) continue;
     historyFetched++;
+    // The day before the last reading: within any range limit the server sets
+    // (--max-range-days is at least 1).
+    const last = Date.parse(state.when.dataset.ts);
     const q = "/readings?order=desc&limit=" + MAX_POINTS + "&sensor_id=" +
-      encodeURIComponent(state.root.dataset.sensor) + "&kind=" + encodeURIComponent(state.root.dataset.kind);
+      encodeURIComponent(state.root.dataset.sensor) + "&kind=" + encodeURIComponent(state.root.dataset.kind) +
+      "&start=" + encodeURIComponent(new Date(last - 86400000).toISOString()) +
+      "&end=" + encodeURIComponent(new Date(last).toISOString());
     json(q).then((p) => { for (const r of p.readings) show(state, r, false); }).catch(() => {});
   }
 }
 
+function live(up) {
+  $("live").textContent = up ? "live" : "reconnecting";
+  $("live").className = "pill " + (up ? "up" : "down");
+}
+
+function arrived(data) {
+  const r = JSON.parse(data);
+  const state = card(r.sensor_id, r.kind);
+  if (!state) return;
+  $("empty").hidden = true;
+  show(state, r, true);
+  staleness();
+}
+
 function stream() {
+  if (apiKey) { streamWithKey(); return; }
   const source = new EventSource("/stream");
-  source.onopen = () => { $("live").textContent = "live"; $("live").className = "pill up"; };
-  source.onerror = () => { $("live").textContent = "reconnecting"; $("live").className = "pill down"; };
-  source.onmessage = (e) => {
-    const r = JSON.parse(e.data);
-    const state = card(r.sensor_id, r.kind);
-    if (!state) return;
-    $("empty").hidden = true;
-    show(state, r, true);
-    staleness();
-  };
+  source.onopen = () => live(true);
+  source.onerror = () => live(false);
+  source.onmessage = (e) => arrived(e.data);
+}
+
+// EventSource cannot send a header: with a key, the same events read from fetch.
+async function streamWithKey() {
+  let lastId = null;
+  for (;;) {
+    try {
+      const headers = authHeaders({ accept: "text/event-stream" });
+      if (lastId) headers["last-event-id"] = lastId;
+      const r = await fetch("/stream", { headers });
+      if (!r.ok) throw new Error("/stream: " + r.status);
+      live(true);
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replace(/\r\n?/g, "\n");
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const event = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          let type = "message";
+          const data = [];
+          for (const line of event.split("\n")) {
+            if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+            else if (line.startsWith("id:")) lastId = line.slice(3).trim();
+            else if (line.startsWith("event:")) type = line.slice(6).trim();
+          }
+          if (type === "message" && data.length > 0) arrived(data.join("\n"));
+        }
+      }
+    } catch (_) { /* reconnect below */ }
+    live(false);
+    await new Promise((resolve) => setTimeout(resolve, 3000));
+  }
 }
 
 async function status() {
@@ -178,9 +259,9 @@ function refresh() {
   loadSensors().catch((e) => { $("summary").textContent = "Cannot load sensors: " + e.message; });
 }
 
-// The stream first, so that no reading stored after the sensor list was read is missed.
-stream();
-refresh();
+// The list first (it may ask for a key), then the stream; a reading stored between the two
+// shows at the next refresh of the list.
+loadSensors().catch((e) => { $("summary").textContent = "Cannot load sensors: " + e.message; }).finally(stream);
 setInterval(refresh, SENSORS_EVERY_MS);
 status();
 setInterval(status, 5000);
