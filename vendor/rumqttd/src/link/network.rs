@@ -24,6 +24,8 @@ pub enum Error {
 
 /// Room made for a read on a quiet connection: a CONNECT, a PINGREQ, a small PUBLISH
 const READ_CHUNK_MIN: usize = 512;
+/// Bytes read into the stack when the buffer is empty (see `read_bytes`)
+const FIRST_READ: usize = 64;
 /// Room made for a read on a busy one (what 0.20 allocated for every connection)
 const READ_CHUNK_MAX: usize = 10 * 1024;
 
@@ -84,6 +86,27 @@ impl<P: Protocol> Network<P> {
         // TODO: Fix this cancellation bug and write unit test
         let mut total_read = 0;
         loop {
+            if self.read.is_empty() {
+                // Nothing partial is waiting: a quiet connection waits here, for minutes
+                // maybe, so it waits with a few bytes on the stack of this future rather than
+                // a buffer of its own, which is allocated when bytes arrive
+                self.read = BytesMut::new();
+                let mut first = [0u8; FIRST_READ];
+                let read = self.socket.read(&mut first).await?;
+                if read == 0 {
+                    return Err(io::Error::new(
+                        ErrorKind::ConnectionAborted,
+                        "connection closed by peer",
+                    ));
+                }
+                self.read.reserve(required.max(self.read_chunk));
+                self.read.extend_from_slice(&first[..read]);
+                total_read += read;
+                if total_read >= required {
+                    return Ok(total_read);
+                }
+                continue;
+            }
             let room = self.read.capacity() - self.read.len();
             if room < required.max(self.read_chunk / 2) {
                 self.read.reserve(required.max(self.read_chunk));

@@ -151,7 +151,9 @@ impl<P: Protocol> RemoteLink<P> {
                     };
 
                     trace!("Packets read from network, count = {}", len);
-                    self.link_tx.notify().await?;
+                    // Boxed, like the write below: this future is held for the whole life
+                    // of the connection, and these steps' states only while they run
+                    Box::pin(self.link_tx.notify()).await?;
                 }
                 // Receive from router when previous when state isn't in collision
                 // due to previously received data request
@@ -168,9 +170,12 @@ impl<P: Protocol> RemoteLink<P> {
                         }
 
                     }
-                    self.network.writev(packets).await?;
+                    // Handed back to the router at the next exchange: empty, it holds no
+                    // memory while the connection is quiet
+                    self.notifications.shrink_to_fit();
+                    Box::pin(self.network.writev(packets)).await?;
                     if unscheduled {
-                        self.link_rx.wake().await?;
+                        Box::pin(self.link_rx.wake()).await?;
                     }
                 }
             }

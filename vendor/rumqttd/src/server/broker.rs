@@ -497,16 +497,19 @@ async fn remote<P: Protocol>(
     protocol: P,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
 ) {
-    let mut network = Network::new(
+    // This task lives as long as the connection, mostly idle, and its future is as large as
+    // the largest state of all the steps below: each step's state goes on the heap (boxed)
+    // and is freed when the step ends, so an idle connection holds only the link's.
+    let mut network = Box::new(Network::new(
         stream,
         config.max_payload_size,
         config.max_inflight_count,
         protocol,
-    );
+    ));
 
     let dynamic_filters = config.dynamic_filters;
 
-    let connect_packet = match mqtt_connect(config, &mut network).await {
+    let connect_packet = match Box::pin(mqtt_connect(config, &mut network)).await {
         Ok(p) => p,
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
@@ -551,17 +554,17 @@ async fn remote<P: Protocol>(
         .insert(client_id.clone(), will_tx);
 
     // Start the link
-    let mut link = match RemoteLink::new(
+    let mut link = match Box::pin(RemoteLink::new(
         router_tx.clone(),
         tenant_id.clone(),
-        network,
+        *network,
         connect_packet,
         dynamic_filters,
         assigned_client_id,
-    )
+    ))
     .await
     {
-        Ok(l) => l,
+        Ok(l) => Box::new(l),
         Err(e) => {
             error!(error=?e, "Remote link error");
             return;
@@ -573,7 +576,7 @@ async fn remote<P: Protocol>(
     let will_delay_interval = link.will_delay_interval;
     let mut send_disconnect = true;
 
-    match link.start().await {
+    match Box::pin(link.start()).await {
         // Connection got closed. This shouldn't usually happen.
         Ok(_) => error!("connection-stop"),
         // The router ended the connection: the client sent DISCONNECT, a new connection took
