@@ -196,12 +196,12 @@ async fn without_keys_the_api_is_open_and_the_document_says_the_key_is_optional(
     // The description's `sensors/<kind>` survives Markdown, in the document and in the UI page.
     let description = spec["info"]["description"].as_str().unwrap();
     assert!(
-        description.contains("sensors/&lt;kind&gt;;"),
+        description.contains("sensors/&lt;kind&gt; ("),
         "{description}"
     );
     let ui = app.get("/docs").await.text().await.unwrap();
     assert!(
-        ui.contains("sensors/\\u0026lt;kind\\u0026gt;;"),
+        ui.contains("sensors/\\u0026lt;kind\\u0026gt; ("),
         "the UI embeds the same"
     );
     assert!(!ui.contains("sensors/<kind>"));

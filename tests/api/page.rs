@@ -122,7 +122,7 @@ async fn the_docs_page_shows_the_topic_placeholder_as_written() {
     };
     let app = TestApp::spawn().await;
     // Swagger UI renders the description as Markdown: unescaped, `<kind>` was a tag and vanished.
-    let (mut browser, mut rx) = open(&chromium, &app.url("/docs"), &["to sensors/<kind>;"], None);
+    let (mut browser, mut rx) = open(&chromium, &app.url("/docs"), &["to sensors/<kind> ("], None);
     let mut said = Vec::new();
     while let Some(line) = rx.recv().await {
         said.push(line);
