@@ -145,7 +145,16 @@ impl<'a> LinkBuilder<'a> {
         self.router_tx.send((0, event))?;
 
         link_rx.recv()?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
+        let notification = {
+            let mut buffer = outgoing_data_buffer.lock();
+            let first = buffer.pop_front();
+            // Most connections are quiet after their CONNACK: the buffer holds no memory then
+            if buffer.is_empty() {
+                buffer.shrink_to_fit();
+            }
+            first
+        }
+        .unwrap();
 
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
@@ -364,6 +373,16 @@ impl LinkRx {
         self.connection_id
     }
 
+    /// The next notification of the cache; once it is empty, the cache (swapped with the
+    /// router's buffer at the next read) holds no memory while the link is quiet.
+    fn pop(&mut self) -> Option<Notification> {
+        let next = self.cache.pop_front();
+        if self.cache.is_empty() {
+            self.cache.shrink_to_fit();
+        }
+        next
+    }
+
     /// The buffer the router fills for this link: identifies the link's registration in the
     /// router, which a connection id alone does not once ids are reused.
     pub(crate) fn buffer(&self) -> Arc<Mutex<VecDeque<Notification>>> {
@@ -374,7 +393,7 @@ impl LinkRx {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
@@ -382,7 +401,7 @@ impl LinkRx {
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }
@@ -391,13 +410,13 @@ impl LinkRx {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
                 self.router_rx.recv_deadline(deadline)?;
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }
@@ -406,7 +425,7 @@ impl LinkRx {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
@@ -414,7 +433,7 @@ impl LinkRx {
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }

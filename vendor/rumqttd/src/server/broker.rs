@@ -553,11 +553,17 @@ async fn remote<P: Protocol>(
         .unwrap()
         .insert(client_id.clone(), will_tx);
 
+    // Out of its box, which is freed here rather than when this function returns
+    let network = {
+        let boxed = network;
+        *boxed
+    };
+
     // Start the link
     let mut link = match Box::pin(RemoteLink::new(
         router_tx.clone(),
         tenant_id.clone(),
-        *network,
+        network,
         connect_packet,
         dynamic_filters,
         assigned_client_id,
@@ -613,10 +619,10 @@ async fn remote<P: Protocol>(
     // this is important to stop the connection
     drop(link);
 
-    let publish_will = match tokio::time::timeout(
+    let publish_will = match Box::pin(tokio::time::timeout(
         Duration::from_secs(will_delay_interval as u64),
         will_rx.recv_async(),
-    )
+    ))
     .await
     {
         Ok(w) => w.is_ok_and(|k| k == AwaitingWill::Fire),
