@@ -17,11 +17,12 @@
 //! - [`auth`]: device credentials and grants, enforced by the broker's codec;
 //! - [`tls`]: certificates for MQTT over TLS and HTTPS, reloaded on SIGHUP;
 //! - [`domain`]: the vocabulary underneath (readings, timestamps, decoding), pure;
+//! - [`sparkplug`]: Sparkplug B topics, payloads and edge-node sessions, pure like `domain`;
 //! - [`metrics`]: counters shared by all stages;
 //! - [`config`], [`app`], [`cli`]: settings, wiring and the command line.
 //!
 //! Dependencies point one way: `domain`, `metrics`, `auth` and `tls` import nothing else of
-//! ours (`metrics` reads `domain`); `broker` imports those four; `journal`, `store`, `cache` and
+//! ours (`metrics` reads `domain`, `sparkplug` only `domain`); `broker` imports those five; `journal`, `store`, `cache` and
 //! `live` import only `domain` and `metrics`; `ingest` joins the adapters; `api` reads
 //! `store` and `cache` and never touches the broker; only `app` knows everything.
 
@@ -38,6 +39,7 @@ pub mod journal;
 pub mod live;
 pub mod metrics;
 pub mod simulator;
+pub mod sparkplug;
 pub mod store;
 pub mod tls;
 
