@@ -30,6 +30,8 @@ use crate::tls::{Certificates, HttpsAcceptor};
 
 /// How often the sensor summary is written: how far `/sensors` may trail the readings.
 const SUMMARY_INTERVAL: Duration = Duration::from_millis(500);
+/// Sparkplug rebirth requests queued for the broker side (at most one per node is outstanding).
+const REBIRTH_QUEUE: usize = 1024;
 
 /// A running sensorhub.
 #[derive(Debug)]
@@ -149,6 +151,15 @@ impl Application {
 
         // Consumers before producers: the writer runs before the first message can arrive.
         let (cache_tx, cache_rx) = ingest::cache_queue();
+        // The Sparkplug sessions as the last run stored them (see ARCHITECTURE.md, Sparkplug).
+        let sparkplug = crate::sparkplug::Sessions::new(
+            store
+                .sparkplug_sessions()
+                .await
+                .context("cannot read the Sparkplug edge-node sessions from MongoDB")?,
+            settings.sparkplug_kinds()?,
+        );
+        let (rebirth_tx, rebirth_rx) = tokio::sync::mpsc::channel(REBIRTH_QUEUE);
         let summaries = Arc::new(ingest::PendingSummaries::default());
         let writer_stop = WriterStop {
             drain: CancellationToken::new(),
@@ -165,6 +176,8 @@ impl Application {
                 cache_tx,
                 live: Arc::clone(&live),
                 summaries: Arc::clone(&summaries),
+                sparkplug,
+                rebirths: rebirth_tx,
             }
             .run(writer_stop.clone()),
         );
@@ -230,6 +243,7 @@ impl Application {
                     max_payload_bytes,
                     Arc::clone(&metrics),
                     security,
+                    rebirth_rx,
                     &mut services,
                     intake.clone(),
                 )
@@ -243,6 +257,7 @@ impl Application {
                     config,
                     sink,
                     Arc::clone(&metrics),
+                    rebirth_rx,
                     intake.clone(),
                 ));
                 (None, Some(to))

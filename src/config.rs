@@ -120,6 +120,9 @@ pub struct Settings {
     /// Seconds an HTTP write may make no progress before the connection is closed: cuts off
     /// clients that stop reading (a `/stream` subscriber gone silent, a slowloris reader).
     pub http_write_timeout_secs: u64,
+    /// Sparkplug B metric names mapped to the kind of their readings; a metric not named here
+    /// takes the last `/` segment of its name. File only.
+    pub sparkplug_kinds: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Settings {
@@ -168,6 +171,7 @@ impl Default for Settings {
             reading_retention_days: 0,
             sensor_stale_secs: 300,
             http_write_timeout_secs: 30,
+            sparkplug_kinds: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -532,6 +536,24 @@ impl Settings {
                 "tls_cert and tls_key go together".into(),
             )),
         }
+    }
+
+    /// `sparkplug_kinds`, each kind checked.
+    pub fn sparkplug_kinds(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::domain::Kind>, ConfigError> {
+        self.sparkplug_kinds
+            .iter()
+            .map(|(metric, kind)| {
+                crate::domain::Kind::parse(kind)
+                    .map(|k| (metric.clone(), k))
+                    .map_err(|why| {
+                        ConfigError::Invalid(format!(
+                            "sparkplug_kinds: the kind '{kind}' of metric '{metric}': {why}"
+                        ))
+                    })
+            })
+            .collect()
     }
 
     pub fn limits(&self) -> Result<Limits, ConfigError> {

@@ -15,6 +15,7 @@ mod memo;
 mod params;
 mod readings;
 mod sensors;
+mod sparkplug;
 mod stream;
 mod types;
 
@@ -103,6 +104,8 @@ enum Tag {
     Grafana,
     /// Readings as they arrive.
     Live,
+    /// Sparkplug B edge nodes and devices.
+    Sparkplug,
     /// The latest ten, dead letters, health and metrics.
     Service,
 }
@@ -375,6 +378,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
             stream::Stream {
                 state: state.clone(),
             },
+            sparkplug::Sparkplug {
+                state: state.clone(),
+            },
             Api { state },
             Pages,
         ),
@@ -383,7 +389,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
     )
     .description(
         "MQTT sensor readings as queryable history. Devices publish \
-         {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind>; sensorhub stores every \
+         {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind>, and Sparkplug B edge \
+         nodes their metrics on spBv1.0/... (each metric a reading of sensor \
+         <group>/<edge node>[/<device>]/<metric name>); sensorhub stores every \
          reading in MongoDB and keeps the latest ten per sensor in Redis. Every error is \
          {\"error\": code, \"message\": text}: 400 names the bad parameter, 404 an unknown \
          sensor or path, 503 (with Retry-After) the dependency that is down.",

@@ -1,6 +1,7 @@
 //! External broker mode: instead of the embedded broker, sensorhub subscribes to an existing
 //! MQTT broker or cluster (Mosquitto, EMQX, HiveMQ, VerneMQ) through a shared subscription
-//! `$share/<group>/sensors/#`, so several instances split one stream. `mqtts://` connects over
+//! `$share/<group>/sensors/#` (and `spBv1.0/#` for Sparkplug B, whose rebirth requests go out on
+//! the same connection), so several instances split one stream. `mqtts://` connects over
 //! TLS (rustls on ring), checking the broker against a CA file or the system's roots, with an
 //! optional client certificate.
 //!
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use super::capture::CaptureSink;
 use crate::domain::{Captured, TOPIC_PREFIX, Timestamp, is_reading_topic};
 use crate::metrics::Metrics;
+use crate::sparkplug::{self, NAMESPACE, NodeKey};
 
 /// Where and how to subscribe.
 #[derive(Clone, Debug)]
@@ -218,13 +220,24 @@ pub fn redacted(url: &str) -> String {
 /// restart and the instances' resubscription reaches nobody. A single instance on a plain
 /// subscription has no such gap.
 pub fn shared_filter(group: &str) -> Result<String, ExternalError> {
+    share(group, TOPIC_PREFIX)
+}
+
+/// The Sparkplug filter, shared as `shared_filter`. A node's session lives in one instance, so
+/// Sparkplug edge nodes need a single instance (no share group) or a broker whose shared
+/// subscriptions stick to the publisher.
+pub fn sparkplug_filter(group: &str) -> Result<String, ExternalError> {
+    share(group, NAMESPACE)
+}
+
+fn share(group: &str, prefix: &str) -> Result<String, ExternalError> {
     if group.is_empty() {
-        return Ok(format!("{TOPIC_PREFIX}#"));
+        return Ok(format!("{prefix}#"));
     }
     if group.contains(['/', '+', '#']) {
         return Err(ExternalError::Group(group.to_owned()));
     }
-    Ok(format!("$share/{group}/{TOPIC_PREFIX}#"))
+    Ok(format!("$share/{group}/{prefix}#"))
 }
 
 /// What the polling task asks the request task to send.
@@ -232,6 +245,8 @@ pub fn shared_filter(group: &str) -> Result<String, ExternalError> {
 enum Request {
     Ack(Publish),
     Subscribe(String),
+    /// A Sparkplug rebirth request to this node.
+    Rebirth(NodeKey),
     /// Ends the connection (the loop reconnects), so the broker sends again what is unacked.
     Reconnect,
 }
@@ -241,10 +256,12 @@ pub async fn run(
     config: ExternalConfig,
     sink: CaptureSink,
     metrics: Arc<Metrics>,
+    mut rebirths: mpsc::Receiver<NodeKey>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let target = parse_url(&config.url)?;
     let filter = shared_filter(&config.share_group)?;
+    let sparkplug = sparkplug_filter(&config.share_group)?;
     let mut options = MqttOptions::new(&config.client_id, &target.host, target.port);
     options
         .set_clean_session(false)
@@ -265,10 +282,23 @@ pub async fn run(
     // unacknowledged messages, and each is acknowledged through here.
     let (requests, pending) = mpsc::unbounded_channel();
     let sender = tokio::spawn(send_requests(client.clone(), pending));
+    let forward = {
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            while let Some(node) = rebirths.recv().await {
+                if requests.send(Request::Rebirth(node)).is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let filters = [filter, sparkplug];
     let result = poll(
-        eventloop, &config, &filter, &sink, &metrics, &requests, &stop,
+        eventloop, &config, &filters, &sink, &metrics, &requests, &stop,
     )
     .await;
+    forward.abort();
+    let _ = forward.await;
     drop(requests);
     let _ = client.try_disconnect();
     let _ = sender.await;
@@ -280,6 +310,17 @@ async fn send_requests(client: AsyncClient, mut pending: mpsc::UnboundedReceiver
         let sent = match &request {
             Request::Ack(publish) => client.ack(publish).await,
             Request::Subscribe(filter) => client.subscribe(filter, QoS::AtLeastOnce).await,
+            Request::Rebirth(node) => {
+                let at = u64::try_from(Timestamp::now().as_millis()).unwrap_or(0);
+                client
+                    .publish(
+                        node.ncmd_topic(),
+                        QoS::AtLeastOnce,
+                        false,
+                        sparkplug::rebirth_request(at),
+                    )
+                    .await
+            }
             Request::Reconnect => client.disconnect().await,
         };
         if let Err(e) = sent {
@@ -293,7 +334,7 @@ async fn send_requests(client: AsyncClient, mut pending: mpsc::UnboundedReceiver
 async fn poll(
     mut eventloop: EventLoop,
     config: &ExternalConfig,
-    filter: &str,
+    filters: &[String],
     sink: &CaptureSink,
     metrics: &Metrics,
     requests: &mpsc::UnboundedSender<Request>,
@@ -317,12 +358,14 @@ async fn poll(
                     %broker,
                     client_id = %config.client_id,
                     session_present = ack.session_present,
-                    %filter,
+                    ?filters,
                     "connected to the external MQTT broker"
                 );
                 // A resumed session keeps its subscription; subscribing again is harmless and
                 // covers a broker that lost its sessions.
-                requests.send(Request::Subscribe(filter.to_owned()))?;
+                for filter in filters {
+                    requests.send(Request::Subscribe(filter.clone()))?;
+                }
             }
             Ok(Event::Incoming(Incoming::SubAck(ack))) => {
                 if ack
@@ -331,8 +374,8 @@ async fn poll(
                     .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
                 {
                     anyhow::bail!(
-                        "the external broker {broker} refused the subscription {filter}: does it \
-                         support shared subscriptions, and may client '{}' read sensors/#?",
+                        "the external broker {broker} refused a subscription of {filters:?}: does \
+                         it support shared subscriptions, and may client '{}' read them?",
                         config.client_id
                     );
                 }
@@ -372,7 +415,8 @@ fn capture(
     sink: &CaptureSink,
     metrics: &Metrics,
 ) -> bool {
-    if !is_reading_topic(publish.topic.as_bytes()) {
+    let topic = publish.topic.as_bytes();
+    if !is_reading_topic(topic) && !sparkplug::is_sparkplug_topic(topic) {
         // A broker may deliver what we did not ask for (an overlapping subscription of this
         // client id): acknowledged, as a subscriber that ignores it would.
         return true;

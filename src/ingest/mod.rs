@@ -26,6 +26,7 @@ use crate::cache::{Cache, Health, LATEST};
 use crate::domain::{DeadLetter, Limits, Reading, SensorId, decode};
 use crate::journal::{Journal, JournalReader, Record};
 use crate::metrics::Metrics;
+use crate::sparkplug::{self, NodeKey, NodeSession, Sessions};
 use crate::store::{Store, StoreError, SummaryFold};
 
 /// How much of the log one write takes at most.
@@ -62,6 +63,10 @@ pub struct Writer {
     pub live: Arc<crate::live::Live>,
     /// Newly stored readings folded for the sensor summary, written by `summaries`.
     pub summaries: Arc<PendingSummaries>,
+    /// The Sparkplug edge nodes' sessions, as stored when the writer started.
+    pub sparkplug: Sessions,
+    /// Edge nodes to ask for a rebirth, for the broker side to publish; never waits.
+    pub rebirths: mpsc::Sender<NodeKey>,
 }
 
 /// The sensor summary's share of what the writer stored and `summaries` has not written yet.
@@ -84,6 +89,10 @@ struct Batch {
     end: u64,
     /// Read from the part of the log a previous run had not marked stored.
     replayed: bool,
+    /// Positions of Sparkplug historical readings: stored, but neither in Redis nor live.
+    historical: HashSet<usize>,
+    /// The Sparkplug sessions the batch changed, as they are at its end.
+    sessions: Vec<(NodeKey, NodeSession)>,
 }
 
 impl Writer {
@@ -134,7 +143,23 @@ impl Writer {
                 done = oldest => {
                     in_flight.pop_front();
                     match done {
-                        Ok(Some((batch, duplicates))) => self.finish(batch, &duplicates),
+                        Ok(Some((batch, duplicates))) => {
+                            // In log order and after the batch's readings: a stored session
+                            // never runs ahead of the stored readings (see `Sessions::judge`).
+                            if !batch.sessions.is_empty()
+                                && until_done(
+                                    || self.store.save_sparkplug_sessions(&batch.sessions),
+                                    &self.metrics,
+                                    &self.journal,
+                                    &stop.abort,
+                                )
+                                .await
+                                .is_none()
+                            {
+                                return;
+                            }
+                            self.finish(batch, &duplicates);
+                        }
                         // Aborted (or the task panicked): the log keeps the rest.
                         _ => return,
                     }
@@ -173,12 +198,27 @@ impl Writer {
         self.metrics
             .journal_corrupt_bytes
             .store(self.reader.corrupt_bytes(), Ordering::Relaxed);
-        let (readings, dead) = judge(&records.records, &self.limits, self.journal.log_id());
+        let (readings, dead) = judge(
+            &records.records,
+            &self.limits,
+            self.journal.log_id(),
+            &mut self.sparkplug,
+        );
+        for node in self.sparkplug.take_rebirths() {
+            // A request lost here is asked again by the node's next message after a while.
+            if self.rebirths.try_send(node.clone()).is_err() {
+                tracing::warn!(%node, "cannot queue a Sparkplug rebirth request");
+            }
+        }
         Some(Batch {
             readings,
             dead,
             end: records.end,
             replayed: records.records.first().is_some_and(|r| r.lsn < replay_end),
+            historical: self.sparkplug.take_historical().into_iter().collect(),
+            sessions: self
+                .sparkplug
+                .take_changed(self.journal.log_id(), records.end),
         })
     }
 
@@ -218,11 +258,16 @@ impl Writer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .add(stored_now());
-        self.live.publish(stored_now());
+        // Historical readings fill in the past: they move neither the latest ten nor the stream.
+        let quiet: HashSet<usize> = duplicates.union(&batch.historical).copied().collect();
+        self.live.publish(
+            (batch.readings.iter().enumerate())
+                .filter_map(|(i, r)| (!quiet.contains(&i)).then_some(r)),
+        );
         if batch.replayed {
             self.health.mark_dirty(&batch.readings);
         } else {
-            let new = newly_stored(batch.readings, &duplicates);
+            let new = newly_stored(batch.readings, &quiet);
             if !new.is_empty()
                 && let Err(
                     mpsc::error::TrySendError::Full(lost) | mpsc::error::TrySendError::Closed(lost),
@@ -294,11 +339,28 @@ pub async fn summaries(
 }
 
 /// Judges records read from the log: readings, and dead letters whose ids (`<log id>:<LSN>`)
-/// are unique per captured message and the same when a replay judges it again.
-fn judge(records: &[Record], limits: &Limits, log_id: &str) -> (Vec<Reading>, Vec<DeadLetter>) {
+/// are unique per captured message and the same when a replay judges it again. Sparkplug
+/// messages go to their edge node's session, in log order.
+fn judge(
+    records: &[Record],
+    limits: &Limits,
+    log_id: &str,
+    sparkplug: &mut Sessions,
+) -> (Vec<Reading>, Vec<DeadLetter>) {
     let mut readings = Vec::with_capacity(records.len());
     let mut dead = Vec::new();
     for record in records {
+        if sparkplug::is_sparkplug_topic(&record.message.topic) {
+            sparkplug.judge(
+                log_id,
+                record.lsn,
+                &record.message,
+                limits,
+                &mut readings,
+                &mut dead,
+            );
+            continue;
+        }
         match decode(&record.message, limits) {
             Ok(reading) => readings.push(reading),
             Err(rejection) => {
@@ -709,7 +771,12 @@ mod tests {
                 r#"{"sensor_id":"a","value":1,"timestamp":"2024-05-01"}"#,
             ),
         ];
-        let (readings, dead) = judge(&records, &Limits::default(), "log7");
+        let (readings, dead) = judge(
+            &records,
+            &Limits::default(),
+            "log7",
+            &mut Sessions::default(),
+        );
         assert_eq!(readings.len(), 2);
         assert_eq!(readings[1].kind().as_str(), "humidity");
         assert_eq!(readings[1].value(), 2.5);
@@ -718,7 +785,12 @@ mod tests {
         assert_eq!(dead[0].reason, Reason::InvalidJson);
         assert_eq!(dead[1].reason, Reason::TopicInvalid);
         // A replay judges the same records the same way, ids included.
-        let (again, dead_again) = judge(&records, &Limits::default(), "log7");
+        let (again, dead_again) = judge(
+            &records,
+            &Limits::default(),
+            "log7",
+            &mut Sessions::default(),
+        );
         assert_eq!(again, readings);
         assert_eq!(
             dead_again.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
@@ -737,7 +809,7 @@ mod tests {
                 )
             })
             .collect();
-        let (readings, _) = judge(&records, &Limits::default(), "l");
+        let (readings, _) = judge(&records, &Limits::default(), "l", &mut Sessions::default());
         let new = newly_stored(readings, &HashSet::from([1, 3]));
         let ids: Vec<&str> = new.iter().map(|r| r.sensor_id().as_str()).collect();
         assert_eq!(ids, ["s0", "s2"]);

@@ -29,6 +29,7 @@ mod replica_set;
 mod restart;
 mod security;
 mod simulator;
+mod sparkplug;
 mod startup;
 mod stream;
 mod tls;
