@@ -293,3 +293,71 @@ async fn a_late_host_application_finds_the_births_under_sparkplug_certificates()
     assert_eq!(aliases.get("Line/Temp"), Some(&10), "{report}");
     assert_eq!(aliases.len(), 5, "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sparkplug_simulator_is_born_reports_is_reborn_on_request_and_dies_on_ctrl_c() {
+    let app = TestApp::spawn().await;
+    let mut simulator = Command::new(env!("CARGO_BIN_EXE_sensorhub"))
+        .args(["simulate", "--sparkplug", "--sparkplug-node", "sim"])
+        .args(["--mqtt", &format!("127.0.0.1:{}", app.mqtt_port)])
+        .args(["--sensors", "2", "--interval-ms", "50"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sim_node = || async {
+        let (_, body) = app.get_json("/sparkplug/nodes").await;
+        body["nodes"]
+            .as_array()
+            .and_then(|n| n.iter().find(|n| n["node"] == "sensorhub/sim").cloned())
+    };
+    let born = app
+        .eventually("the simulated node online with its devices", || async {
+            sim_node()
+                .await
+                .filter(|n| n["online"] == true && n["devices"][1]["online"] == true)
+        })
+        .await;
+    app.eventually("data by exception after the births", || async {
+        let n = app
+            .readings()
+            .await
+            .count_documents(doc! {"sensor_id": "sensorhub/sim/dev-002/Temperature"})
+            .await
+            .unwrap();
+        (n > 1).then_some(())
+    })
+    .await;
+    // A host asks for a rebirth: the node publishes its births again.
+    let host = crate::helpers::Publisher::connect(app.mqtt_port, "host-app").await;
+    host.publish(
+        0,
+        "spBv1.0/sensorhub/NCMD/sim",
+        sensorhub::sparkplug::rebirth_request(1),
+    )
+    .await;
+    host.wait_acked(1).await;
+    app.eventually("a second birth", || async {
+        sim_node()
+            .await
+            .filter(|n| n["last_birth"] != born["last_birth"] && n["online"] == true)
+    })
+    .await;
+    Command::new("kill")
+        .args(["-INT", &simulator.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || simulator.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "simulator exited with {status}");
+    app.eventually("the node offline after its NDEATH", || async {
+        sim_node().await.filter(|n| n["online"] == false)
+    })
+    .await;
+    assert!(
+        dead_letters(&app).await.is_empty(),
+        "{:?}",
+        dead_letters(&app).await
+    );
+}
