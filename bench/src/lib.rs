@@ -29,6 +29,7 @@ mod memory;
 mod outage;
 mod procfs;
 mod report;
+mod sparkplug;
 mod startup;
 mod wrk;
 
@@ -96,6 +97,8 @@ pub enum Scenario {
     Outage,
     /// Spawn to ready.
     Startup,
+    /// Sparkplug B DDATA of 20 metrics against JSON readings, values stored/s.
+    Sparkplug,
 }
 
 impl Scenario {
@@ -108,6 +111,7 @@ impl Scenario {
             Self::Memory => "memory",
             Self::Outage => "outage",
             Self::Startup => "startup",
+            Self::Sparkplug => "sparkplug",
         }
     }
 }
@@ -288,6 +292,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Memory,
             Scenario::Outage,
             Scenario::Startup,
+            Scenario::Sparkplug,
         ]
     } else {
         options.only.clone()
@@ -312,6 +317,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Memory => memory::run(&env, &plan, &findings, &mut report).await,
             Scenario::Outage => outage::run(&env, &plan, &mut report).await,
             Scenario::Startup => startup::run(&env, &mut report).await,
+            Scenario::Sparkplug => sparkplug::run(&env, &plan, &mut report).await,
         };
         if let Err(e) = outcome {
             failed += 1;
