@@ -4,8 +4,8 @@
 //!
 //! The modules follow the flow of a reading:
 //!
-//! - [`broker`]: the embedded rumqttd broker; its capture codec writes every `sensors/#` message
-//!   to the local log before the broker acknowledges it;
+//! - [`broker`]: the embedded rumqttd broker; its capture codec writes every `sensors/#` and
+//!   Sparkplug B message to the local log before the broker acknowledges it;
 //! - [`journal`]: the local log on disk, the pipeline's spine;
 //! - [`ingest`]: reads the log, judges messages, stores readings and dead letters, feeds and
 //!   repairs the Redis latest sets;

@@ -1,9 +1,10 @@
 //! The writer side of the pipeline: from the local log into MongoDB and Redis.
 //!
 //! Three tasks:
-//! - `writer`: reads the log in order, judges each message (`domain::decode`), stores readings
-//!   and dead letters in MongoDB (retrying until it succeeds: the log holds them meanwhile), and
-//!   marks the log position stored;
+//! - `writer`: reads the log in order, judges each message (`domain::decode`, or the Sparkplug
+//!   edge nodes' sessions), stores readings and dead letters in MongoDB (retrying until it
+//!   succeeds: the log holds them meanwhile), then the sessions the batch changed, and marks the
+//!   log position stored;
 //! - `cache_updater`: adds newly stored readings to the Redis latest sets. It is fed through a
 //!   bounded queue the writer never waits on: when the queue is full or Redis is down, the sets
 //!   are marked stale instead;
