@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, QoS};
 use sensorhub::sparkplug::proto::{Metric, Payload, Value, datatype};
 
 use super::env::{Env, Hub, fetch_metrics};
@@ -204,9 +204,14 @@ impl Publisher {
         // what is measured.
         let poller = tokio::spawn(async move {
             loop {
-                if let Err(e) = eventloop.poll().await {
-                    tracing::warn!(error = %e, "benchmark publisher lost the broker");
-                    return;
+                match eventloop.poll().await {
+                    // Our own goodbye: the broker closing the connection after it is no loss.
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "benchmark publisher lost the broker");
+                        return;
+                    }
                 }
             }
         });

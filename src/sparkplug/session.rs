@@ -375,51 +375,48 @@ impl Sessions {
                     }
                     _ => {}
                 }
-                let node = self.nodes.get(key);
-                let defs = match topic.device {
-                    None => node.map(|n| &n.metrics),
-                    Some(device) => node.and_then(|n| n.devices.get(device)).map(|d| &d.metrics),
-                };
-                if !topic.message.is_birth() {
-                    let defs = defs.cloned().unwrap_or_default();
-                    if let Some((i, m)) =
+                // Taken out for the judging (and put back), so it is read, not copied.
+                let defs = definitions_of(&mut self.nodes, key, topic.device)
+                    .map(std::mem::take)
+                    .unwrap_or_default();
+                let unknown = (!topic.message.is_birth())
+                    .then(|| {
                         (payload.metrics.iter().enumerate()).find(|(_, m)| defs.find(m).is_none())
-                    {
+                    })
+                    .flatten();
+                let outcome = match unknown {
+                    Some((i, m)) => {
                         let named = match (m.alias, &m.name) {
                             (Some(alias), _) => format!("alias {alias}"),
                             (None, Some(name)) => format!("'{name}'"),
                             (None, None) => "no name and no alias".to_owned(),
                         };
-                        return Err(self.distrust(
+                        Err(self.distrust(
                             key,
                             Reason::SparkplugUnknownAlias,
                             format!(
                                 "metric {i} ({named}) was not declared by the birth in force; \
                                  the message is kept for a replay and a rebirth was requested"
                             ),
-                        ));
+                        ))
                     }
-                    self.readings(
-                        &prefix,
-                        &payload,
-                        Some(&defs),
-                        message,
-                        limits,
-                        readings,
-                        letters,
-                    );
-                } else {
-                    let defs = defs.cloned();
-                    self.readings(
-                        &prefix,
-                        &payload,
-                        defs.as_ref(),
-                        message,
-                        limits,
-                        readings,
-                        letters,
-                    );
+                    None => {
+                        self.readings(
+                            &prefix,
+                            &payload,
+                            Some(&defs),
+                            message,
+                            limits,
+                            readings,
+                            letters,
+                        );
+                        Ok(())
+                    }
+                };
+                if let Some(slot) = definitions_of(&mut self.nodes, key, topic.device) {
+                    *slot = defs;
                 }
+                return outcome;
             }
         }
         Ok(())
@@ -609,6 +606,19 @@ impl Sessions {
             })?;
         Reading::new(sensor_id, kind, value, timestamp)
             .ok_or_else(|| (Reason::ValueNotFinite, "the value is not finite".into()))
+    }
+}
+
+/// Where the metric definitions of a node, or of one of its devices, are kept.
+fn definitions_of<'a>(
+    nodes: &'a mut HashMap<NodeKey, NodeSession>,
+    key: &NodeKey,
+    device: Option<&str>,
+) -> Option<&'a mut Definitions> {
+    let node = nodes.get_mut(key)?;
+    match device {
+        None => Some(&mut node.metrics),
+        Some(device) => node.devices.get_mut(device).map(|d| &mut d.metrics),
     }
 }
 
