@@ -33,6 +33,8 @@ use crate::tls::{Certificates, HttpsAcceptor};
 const SUMMARY_INTERVAL: Duration = Duration::from_millis(500);
 /// How often the readiness checks run.
 const READY_INTERVAL: Duration = Duration::from_secs(1);
+/// Sparkplug rebirth requests queued for the broker side (at most one per node is outstanding).
+const REBIRTH_QUEUE: usize = 1024;
 
 /// A running sensorhub.
 #[derive(Debug)]
@@ -163,6 +165,15 @@ impl Application {
 
         // Consumers before producers: the writer runs before the first message can arrive.
         let (cache_tx, cache_rx) = ingest::cache_queue();
+        // The Sparkplug sessions as the last run stored them (see ARCHITECTURE.md, Sparkplug).
+        let sparkplug = crate::sparkplug::Sessions::new(
+            store
+                .sparkplug_sessions()
+                .await
+                .context("cannot read the Sparkplug edge-node sessions from MongoDB")?,
+            settings.sparkplug_kinds()?,
+        );
+        let (rebirth_tx, rebirth_rx) = tokio::sync::mpsc::channel(REBIRTH_QUEUE);
         let summaries = Arc::new(ingest::PendingSummaries::default());
         let writer_stop = WriterStop {
             drain: CancellationToken::new(),
@@ -180,6 +191,8 @@ impl Application {
                 live: Arc::clone(&live),
                 summaries: Arc::clone(&summaries),
                 dead_letter_budget: DeadLetterBudget::new(settings.dead_letters_per_second),
+                sparkplug,
+                rebirths: rebirth_tx,
             }
             .run(writer_stop.clone()),
         );
@@ -246,6 +259,7 @@ impl Application {
                     max_payload_bytes,
                     Arc::clone(&metrics),
                     security,
+                    rebirth_rx,
                     &mut services,
                     intake.clone(),
                 )
@@ -266,6 +280,7 @@ impl Application {
                     sink,
                     Arc::clone(&metrics),
                     Arc::clone(&status),
+                    rebirth_rx,
                     intake.clone(),
                 ));
                 (None, Some(to), status)

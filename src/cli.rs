@@ -37,7 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the broker, the ingest pipeline and the HTTP API (the default).
     Serve(Box<ServeArgs>),
-    /// Publish simulated temperature and humidity readings to a broker until Ctrl-C.
+    /// Publish simulated temperature and humidity readings to a broker until Ctrl-C (with
+    /// --sparkplug, as a Sparkplug B edge node).
     Simulate(SimulateArgs),
     /// Add or replace an MQTT credential in a credentials file (created if missing). The
     /// password is read from stdin, one line; only its Argon2id hash is stored.
@@ -107,7 +108,7 @@ pub struct SimulateArgs {
         default_value = "127.0.0.1:1883"
     )]
     pub mqtt: String,
-    /// Sensors of each kind (temperature and humidity).
+    /// Sensors of each kind (temperature and humidity); with --sparkplug, devices.
     #[arg(long, default_value_t = 5)]
     pub sensors: usize,
     /// Milliseconds between two readings of one sensor.
@@ -116,6 +117,13 @@ pub struct SimulateArgs {
     /// MQTT client id [default: random]
     #[arg(long)]
     pub client_id: Option<String>,
+    /// Be a Sparkplug B edge node instead: group `sensorhub`, `--sensors` devices, births,
+    /// data by exception, rebirth on request, NDEATH on Ctrl-C
+    #[arg(long)]
+    pub sparkplug: bool,
+    /// The Sparkplug edge node's id
+    #[arg(long, default_value = "sim-edge", requires = "sparkplug")]
+    pub sparkplug_node: String,
     /// MQTT user name, when the broker asks for credentials
     #[arg(long, env = "SENSORHUB_SIMULATE_USERNAME")]
     pub username: Option<String>,
@@ -369,6 +377,20 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
          SENSORHUB_SIMULATE_PASSWORD_FILE"
     );
     let stop = CancellationToken::new();
+    if args.sparkplug {
+        let config = simulator::sparkplug::SparkplugConfig {
+            host,
+            port,
+            node: args.sparkplug_node,
+            devices: args.sensors,
+            interval: Duration::from_millis(args.interval_ms),
+            credentials: args.username.zip(password),
+        };
+        let run = tokio::spawn(simulator::sparkplug::run(config, stop.clone()));
+        shutdown_signal().await;
+        stop.cancel();
+        return run.await.context("the simulator panicked")?;
+    }
     let config = SimulatorConfig {
         host,
         port,

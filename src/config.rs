@@ -152,6 +152,9 @@ pub struct Settings {
     /// aggregate, Grafana series) may span; a longer or open-ended one is a 400 naming the
     /// parameter. 0: no limit.
     pub max_range_days: u64,
+    /// Sparkplug B metric names mapped to the kind of their readings; a metric not named here
+    /// takes the last `/` segment of its name. File only.
+    pub sparkplug_kinds: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for Settings {
@@ -208,6 +211,7 @@ impl Default for Settings {
             api_keys: None,
             cors_origins: Vec::new(),
             max_range_days: 0,
+            sparkplug_kinds: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -625,6 +629,24 @@ impl Settings {
                 "tls_cert and tls_key go together".into(),
             )),
         }
+    }
+
+    /// `sparkplug_kinds`, each kind checked.
+    pub fn sparkplug_kinds(
+        &self,
+    ) -> Result<std::collections::HashMap<String, crate::domain::Kind>, ConfigError> {
+        self.sparkplug_kinds
+            .iter()
+            .map(|(metric, kind)| {
+                crate::domain::Kind::parse(kind)
+                    .map(|k| (metric.clone(), k))
+                    .map_err(|why| {
+                        ConfigError::Invalid(format!(
+                            "sparkplug_kinds: the kind '{kind}' of metric '{metric}': {why}"
+                        ))
+                    })
+            })
+            .collect()
     }
 
     pub fn limits(&self) -> Result<Limits, ConfigError> {

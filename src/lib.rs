@@ -4,8 +4,8 @@
 //!
 //! The modules follow the flow of a reading:
 //!
-//! - [`broker`]: the embedded rumqttd broker; its capture codec writes every `sensors/#` message
-//!   to the local log before the broker acknowledges it;
+//! - [`broker`]: the embedded rumqttd broker; its capture codec writes every `sensors/#` and
+//!   Sparkplug B message to the local log before the broker acknowledges it;
 //! - [`journal`]: the local log on disk, the pipeline's spine;
 //! - [`ingest`]: reads the log, judges messages, stores readings and dead letters, feeds and
 //!   repairs the Redis latest sets;
@@ -18,12 +18,13 @@
 //!   bearer keys, checked by the API;
 //! - [`tls`]: certificates for MQTT over TLS and HTTPS, reloaded on SIGHUP;
 //! - [`domain`]: the vocabulary underneath (readings, timestamps, decoding), pure;
+//! - [`sparkplug`]: Sparkplug B topics, payloads and edge-node sessions, pure like `domain`;
 //! - [`metrics`]: counters shared by all stages;
 //! - [`health`]: readiness checks, run in the background, reported by `/health/ready`;
 //! - [`config`], [`app`], [`cli`]: settings, wiring and the command line.
 //!
 //! Dependencies point one way: `domain`, `metrics`, `health`, `auth` and `tls` import nothing
-//! else of ours (`metrics` reads `domain`); `broker` imports those four; `journal`, `store`, `cache` and
+//! else of ours (`metrics` reads `domain`, `sparkplug` only `domain`); `broker` imports those; `journal`, `store`, `cache` and
 //! `live` import only `domain` and `metrics`; `ingest` joins the adapters; `api` reads
 //! `store` and `cache`, checks keys with `auth`, and never touches the broker; only `app`
 //! knows everything.
@@ -42,6 +43,7 @@ pub mod journal;
 pub mod live;
 pub mod metrics;
 pub mod simulator;
+pub mod sparkplug;
 pub mod store;
 pub mod tls;
 

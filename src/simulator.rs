@@ -1,4 +1,5 @@
-//! A fleet of simulated temperature and humidity sensors publishing over real MQTT.
+//! A fleet of simulated temperature and humidity sensors publishing over real MQTT (and, in
+//! `sparkplug`, a simulated Sparkplug B edge node).
 //!
 //! Values are physical-looking: each sensor drifts around its own set point (a mean-reverting
 //! random walk) on top of a slow daily swing, and humidity moves against temperature. Publishes
@@ -17,6 +18,8 @@ use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, QoS, Request
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::Timestamp;
+
+pub mod sparkplug;
 
 #[derive(Clone, Debug)]
 pub struct SimulatorConfig {

@@ -30,6 +30,7 @@ mod outage;
 mod procfs;
 mod report;
 mod scaling;
+mod sparkplug;
 mod startup;
 mod wrk;
 
@@ -99,6 +100,8 @@ pub enum Scenario {
     Startup,
     /// 1, 2 and 3 instances on one shared subscription of an external broker.
     Scaling,
+    /// Sparkplug B DDATA of 20 metrics against JSON readings, values stored/s.
+    Sparkplug,
 }
 
 impl Scenario {
@@ -112,6 +115,7 @@ impl Scenario {
             Self::Outage => "outage",
             Self::Startup => "startup",
             Self::Scaling => "scaling",
+            Self::Sparkplug => "sparkplug",
         }
     }
 }
@@ -293,6 +297,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Outage,
             Scenario::Startup,
             Scenario::Scaling,
+            Scenario::Sparkplug,
         ]
     } else {
         options.only.clone()
@@ -318,6 +323,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Outage => outage::run(&env, &plan, &mut report).await,
             Scenario::Startup => startup::run(&env, &mut report).await,
             Scenario::Scaling => scaling::run(&env, &plan, &mut report).await,
+            Scenario::Sparkplug => sparkplug::run(&env, &plan, &mut report).await,
         };
         if let Err(e) = outcome {
             failed += 1;

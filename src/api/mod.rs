@@ -21,6 +21,7 @@ mod params;
 mod probes;
 mod readings;
 mod sensors;
+mod sparkplug;
 mod stream;
 mod types;
 
@@ -148,6 +149,8 @@ enum Tag {
     Live,
     /// Destructive operations: an admin key when the server runs with API keys.
     Admin,
+    /// Sparkplug B edge nodes and devices.
+    Sparkplug,
     /// The latest ten, dead letters, health and metrics.
     Service,
 }
@@ -433,6 +436,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
             admin::Admin {
                 state: state.clone(),
             },
+            sparkplug::Sparkplug {
+                state: state.clone(),
+            },
             Api { state },
             Pages,
         ),
@@ -443,7 +449,9 @@ pub fn app(state: ApiState) -> impl poem::Endpoint {
         "MQTT sensor readings as queryable history. Devices publish \
          {\"sensor_id\", \"value\", \"timestamp\"} to sensors/<kind> (or an array of them, or \
          {\"sensor_id\", \"timestamp\", \"values\": {kind: value}}; or on topics the operator's \
-         templates name, whose levels give sensor_id, kind and tags); sensorhub stores every \
+         templates name, whose levels give sensor_id, kind and tags), and Sparkplug B edge \
+         nodes their metrics on spBv1.0/... (each metric a reading of sensor \
+         <group>/<edge node>[/<device>]/<metric name>); sensorhub stores every \
          reading in MongoDB and keeps the latest ten per sensor in Redis. Every error is \
          {\"error\": code, \"message\": text}: 400 names the bad parameter, 401/403 a missing \
          or insufficient API key (only when the server runs with --api-keys), 404 an unknown \

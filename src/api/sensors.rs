@@ -19,7 +19,7 @@ pub struct Sensors {
 }
 
 impl Sensors {
-    fn sensor_out(&self, s: SensorSummary, now: Timestamp) -> SensorOut {
+    fn sensor_out(&self, s: SensorSummary, now: Timestamp, online: Option<bool>) -> SensorOut {
         let stale_ms = i64::try_from(self.state.stale_after.as_millis()).unwrap_or(i64::MAX);
         let newest = s
             .kinds
@@ -50,6 +50,7 @@ impl Sensors {
             count: s.count,
             last,
             stale: now.as_millis().saturating_sub(s.last_seen.as_millis()) > stale_ms,
+            online,
             by_kind: s
                 .kinds
                 .into_iter()
@@ -95,7 +96,8 @@ impl Sensors {
     /// Sensors
     ///
     /// Every sensor that ever reported, in id order, with its kinds, first and last reading
-    /// time, reading count, newest reading, and `stale` (no reading within the configured time).
+    /// time, reading count, newest reading, `stale` (no reading within the configured time), and
+    /// for Sparkplug B sensors `online` (false after their edge node's NDEATH or device's DDEATH).
     /// Read from a summary the writer keeps up to date, so it costs the same at a billion
     /// readings. Paged: pass `next_cursor` as `cursor` until `has_more` is false.
     #[oai(path = "/sensors", method = "get")]
@@ -115,9 +117,20 @@ impl Sensors {
         match self.summaries(prefix.0, kind.0, limit.0, cursor.0).await {
             Ok((found, next)) => {
                 let now = Timestamp::now();
+                let ids: Vec<&str> = found.iter().map(|s| s.sensor_id.as_str()).collect();
+                let online = match super::sparkplug::online(&self.state, &ids).await {
+                    Ok(online) => online,
+                    Err(e) => return e.into(),
+                };
                 Reply::Ok(
                     Json(SensorPageOut {
-                        sensors: found.into_iter().map(|s| self.sensor_out(s, now)).collect(),
+                        sensors: found
+                            .into_iter()
+                            .map(|s| {
+                                let on = online.get(s.sensor_id.as_str()).copied();
+                                self.sensor_out(s, now, on)
+                            })
+                            .collect(),
                         has_more: next.is_some(),
                         next_cursor: next,
                     }),
@@ -140,7 +153,18 @@ impl Sensors {
         sensor_id: Path<String>,
     ) -> Reply<Json<SensorOut>> {
         match self.state.store.sensor(&sensor_id.0).await {
-            Ok(Some(s)) => Reply::Ok(Json(self.sensor_out(s, Timestamp::now())), None, None),
+            Ok(Some(s)) => {
+                let online =
+                    match super::sparkplug::online(&self.state, &[s.sensor_id.as_str()]).await {
+                        Ok(online) => online.get(s.sensor_id.as_str()).copied(),
+                        Err(e) => return e.into(),
+                    };
+                Reply::Ok(
+                    Json(self.sensor_out(s, Timestamp::now(), online)),
+                    None,
+                    None,
+                )
+            }
             Ok(None) => {
                 ApiError::NotFound(format!("no sensor '{}' has reported", sensor_id.0)).into()
             }

@@ -47,7 +47,8 @@ pub struct ReadingOut {
 pub struct DeadLetterOut {
     /// Unique id of the captured message (`<log id>:<position>`), or of one element of it
     /// (`<log id>:<position>:<index>`, index from 0: a bad element of a JSON batch or a
-    /// `values` object, whose message begins `element <index>`).
+    /// `values` object, whose message begins `element <index>`, or metric i of a Sparkplug
+    /// payload).
     pub id: String,
     /// When sensorhub received it (RFC 3339, UTC).
     pub received_at: String,
@@ -56,7 +57,9 @@ pub struct DeadLetterOut {
     /// Why it was rejected: payload_too_large, topic_invalid, invalid_utf8, invalid_json,
     /// missing_field, wrong_type, sensor_id_invalid, value_not_numeric, value_not_finite,
     /// timestamp_invalid, timestamp_out_of_range, forbidden, batch_empty, batch_too_large,
-    /// kind_invalid, sensor_id_conflict.
+    /// kind_invalid, sensor_id_conflict; Sparkplug B: sparkplug_invalid,
+    /// sparkplug_unknown_alias and sparkplug_seq_gap (kept for a replay once the rebirth
+    /// sensorhub asked for arrives), sparkplug_no_birth, sparkplug_unsupported_type.
     pub reason: String,
     /// What exactly was wrong, for the person who sent it.
     pub message: String,
@@ -193,6 +196,10 @@ pub struct SensorOut {
     pub last: ReadingOut,
     /// No reading within the configured time (`--sensor-stale-secs`, 300 s by default).
     pub stale: bool,
+    /// Sparkplug B sensors only: whether the edge node (and device) it belongs to is online;
+    /// an NDEATH or DDEATH sets it false until the next birth. Absent for other sensors.
+    #[oai(skip_serializing_if_is_none)]
+    pub online: Option<bool>,
     /// The same, kind by kind.
     pub by_kind: Vec<KindOut>,
 }
@@ -208,6 +215,7 @@ impl Example for SensorOut {
             count: 2_280_960,
             last: ReadingOut::example(),
             stale: false,
+            online: None,
             by_kind: vec![KindOut {
                 kind: "temperature".into(),
                 first_seen: time::macros::datetime!(2026-11-01 00:00:00 UTC),

@@ -7,7 +7,8 @@
 //!   front end vouched for) and answer with the CONNACK code of the connection's MQTT version;
 //!   refuse PUBLISHes for sensor ids the credential may not write (dead-lettered as
 //!   `forbidden`, PUBACK 0x87 on MQTT 5) and subscriptions it may not make (SUBACK failure);
-//! - hand each PUBLISH on `sensors/#` to the local log before any packet, the PUBACK above all,
+//! - hand each PUBLISH on `sensors/#` and on Sparkplug B's `spBv1.0/...` (`sparkplug::
+//!   is_sparkplug_topic`) to the local log before any packet, the PUBACK above all,
 //!   is written back on that connection. A reading the broker acknowledged is therefore already
 //!   in the log, and a process crash cannot lose it.
 //!
@@ -15,8 +16,8 @@
 //! when the codec runs out of buffered bytes or is about to encode a reply. When the log refuses
 //! a batch (full, or closing for shutdown) the codec fails the connection: nothing staged is
 //! acknowledged, so the publisher keeps it and sends it again. The only part of a payload this
-//! module reads is its `sensor_id`, for access control; judging readings is `domain::decode`'s
-//! job, later.
+//! module reads is its `sensor_id`, for access control (a Sparkplug message's is its topic's
+//! `<group>/<edge node>`); judging readings is `domain::decode`'s and `sparkplug`'s job, later.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -33,6 +34,7 @@ use crate::domain::{
     Captured, FORBIDDEN_TOPIC_PREFIX, Templates, Timestamp, claimed_sensor_ids, is_captured,
 };
 use crate::metrics::Metrics;
+use crate::sparkplug;
 
 /// Where captured messages go: returns `Err` when they cannot be kept.
 pub type CaptureSink = Arc<dyn Fn(&[Captured]) -> Result<(), Refused> + Send + Sync>;
@@ -329,12 +331,19 @@ impl<P> Capture<P> {
             }
         }
         let topic = publish.topic.clone();
-        let reading = is_captured(&topic, &self.admission.templates);
+        let sparkplug_node = sparkplug::is_sparkplug_topic(&topic)
+            .then(|| sparkplug_node_of(&topic))
+            .flatten();
+        let reading =
+            is_captured(&topic, &self.admission.templates) || sparkplug::is_sparkplug_topic(&topic);
         // An empty retained publish deletes the retained message: a broker command, not a
         // reading, and no credential's sensor ids say whose it is.
         let deletion = publish.retain && publish.payload.is_empty();
         let allowed = if !reading || deletion {
             access.may_publish_other_topics()
+        } else if let Some(node) = &sparkplug_node {
+            // A credential grants an edge node by `<group>/<edge node>`, its sensors' prefix.
+            access.may_publish(node)
         } else if publish.payload.len() > self.max_payload_bytes {
             // Dead-lettered as too large whoever sent it.
             true
@@ -575,6 +584,14 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         }
         _ => f(),
     }
+}
+
+/// `<group>/<edge node>` of a Sparkplug topic (`spBv1.0/<group>/<type>/<edge node>/...`).
+fn sparkplug_node_of(topic: &[u8]) -> Option<String> {
+    let topic = std::str::from_utf8(topic).ok()?;
+    let mut levels = topic.split('/').skip(1);
+    let (group, _, node) = (levels.next()?, levels.next()?, levels.next()?);
+    Some(format!("{group}/{node}"))
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! External broker mode: instead of the embedded broker, sensorhub subscribes to an existing
 //! MQTT broker or cluster (Mosquitto, EMQX, HiveMQ, VerneMQ) through a shared subscription
-//! `$share/<group>/sensors/#`, so several instances split one stream. `mqtts://` connects over
+//! `$share/<group>/sensors/#` (and `spBv1.0/#` for Sparkplug B, whose rebirth requests go out on
+//! the same connection), so several instances split one stream. `mqtts://` connects over
 //! TLS (rustls on ring), checking the broker against a CA file or the system's roots, with an
 //! optional client certificate.
 //!
@@ -32,6 +33,7 @@ use super::BrokerStatus;
 use super::capture::CaptureSink;
 use crate::domain::{Captured, TOPIC_PREFIX, Templates, Timestamp, is_captured};
 use crate::metrics::Metrics;
+use crate::sparkplug::{self, NAMESPACE, NodeKey};
 
 /// Where and how to subscribe.
 #[derive(Clone, Debug)]
@@ -224,11 +226,14 @@ pub fn shared_filter(group: &str) -> Result<String, ExternalError> {
     shared(group, &format!("{TOPIC_PREFIX}#"))
 }
 
-/// Every filter this instance subscribes to: `sensors/#` and each template's, shared by
-/// `group` (or plain with no group).
+/// Every filter this instance subscribes to: `sensors/#`, each template's and the Sparkplug
+/// namespace's, shared by `group` (or plain with no group). A Sparkplug node's session lives in
+/// one instance, so Sparkplug edge nodes need a single instance (no share group) or a broker
+/// whose shared subscriptions stick to the publisher.
 pub fn filters(group: &str, templates: &Templates) -> Result<Vec<String>, ExternalError> {
     std::iter::once(format!("{TOPIC_PREFIX}#"))
         .chain(templates.iter().map(|t| t.filter()))
+        .chain(std::iter::once(format!("{NAMESPACE}#")))
         .map(|filter| shared(group, &filter))
         .collect()
 }
@@ -248,6 +253,8 @@ fn shared(group: &str, filter: &str) -> Result<String, ExternalError> {
 enum Request {
     Ack(Publish),
     Subscribe(String),
+    /// A Sparkplug rebirth request to this node.
+    Rebirth(NodeKey),
     /// Ends the connection (the loop reconnects), so the broker sends again what is unacked.
     Reconnect,
 }
@@ -258,6 +265,7 @@ pub async fn run(
     sink: CaptureSink,
     metrics: Arc<Metrics>,
     status: Arc<BrokerStatus>,
+    mut rebirths: mpsc::Receiver<NodeKey>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let target = parse_url(&config.url)?;
@@ -281,10 +289,22 @@ pub async fn run(
     // unacknowledged messages, and each is acknowledged through here.
     let (requests, pending) = mpsc::unbounded_channel();
     let sender = tokio::spawn(send_requests(client.clone(), pending));
+    let forward = {
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            while let Some(node) = rebirths.recv().await {
+                if requests.send(Request::Rebirth(node)).is_err() {
+                    return;
+                }
+            }
+        })
+    };
     let result = poll(
         eventloop, &config, &sink, &metrics, &status, &requests, &stop,
     )
     .await;
+    forward.abort();
+    let _ = forward.await;
     status.set_connected(false);
     drop(requests);
     let _ = client.try_disconnect();
@@ -297,6 +317,17 @@ async fn send_requests(client: AsyncClient, mut pending: mpsc::UnboundedReceiver
         let sent = match &request {
             Request::Ack(publish) => client.ack(publish).await,
             Request::Subscribe(filter) => client.subscribe(filter, QoS::AtLeastOnce).await,
+            Request::Rebirth(node) => {
+                let at = u64::try_from(Timestamp::now().as_millis()).unwrap_or(0);
+                client
+                    .publish(
+                        node.ncmd_topic(),
+                        QoS::AtLeastOnce,
+                        false,
+                        sparkplug::rebirth_request(at),
+                    )
+                    .await
+            }
             Request::Reconnect => client.disconnect().await,
         };
         if let Err(e) = sent {
@@ -395,7 +426,8 @@ fn capture(
     sink: &CaptureSink,
     metrics: &Metrics,
 ) -> bool {
-    if !is_captured(publish.topic.as_bytes(), &config.templates) {
+    let topic = publish.topic.as_bytes();
+    if !is_captured(topic, &config.templates) && !sparkplug::is_sparkplug_topic(topic) {
         // A broker may deliver what we did not ask for (an overlapping subscription of this
         // client id): acknowledged, as a subscriber that ignores it would.
         return true;

@@ -11,6 +11,7 @@ pub mod capture;
 mod conformance;
 pub mod external;
 mod front;
+mod sparkplug;
 mod tap;
 
 use std::collections::HashMap;
@@ -22,7 +23,7 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use rumqttd::local::LinkBuilder;
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::{LinkType, Router, Server, ServerSettings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -237,12 +238,17 @@ impl EmbeddedBroker {
     /// blocks its thread on the disk (and, with `--journal-fsync always`, on `fdatasync`). On
     /// the process's main runtime a slow disk would starve the HTTP API, the writer and the
     /// Redis updater; here it only slows the devices that are waiting for that disk anyway.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is a separate input of the broker, wired once by app"
+    )]
     pub async fn start(
         config: rumqttd::Config,
         sink: CaptureSink,
         max_payload_bytes: usize,
         metrics: Arc<Metrics>,
         security: Security,
+        rebirths: tokio::sync::mpsc::Receiver<crate::sparkplug::NodeKey>,
         tasks: &mut JoinSet<anyhow::Result<()>>,
         stop: CancellationToken,
     ) -> Result<Self, BrokerError> {
@@ -307,27 +313,31 @@ impl EmbeddedBroker {
         }
 
         let router_tx = Router::new(config.id, config.router.clone()).spawn();
-        // An external client with the same id would kick the link off the router: make it
-        // unguessable.
-        let link_id = format!("{RESERVED_CLIENT_PREFIX}tap-{:016x}", rand::random::<u64>());
-        let router_for_link = router_tx.clone();
-        let (mut link_tx, link_rx, _ack) = tokio::task::spawn_blocking(move || {
-            LinkBuilder::new(&link_id, router_for_link)
+        let router = router_tx.clone();
+        let (link_tx, link_rx) = local_link("tap", &[format!("{TOPIC_PREFIX}#")], move |id| {
+            LinkBuilder::new(id, router)
                 .build()
                 .map_err(|e| e.to_string())
         })
-        .await
-        .map_err(|e| BrokerError::Link(e.to_string()))?
-        .map_err(BrokerError::Link)?;
-        link_tx
-            .subscribe(format!("{TOPIC_PREFIX}#"))
-            .map_err(|e| BrokerError::Link(e.to_string()))?;
+        .await?;
         let tap_stop = stop.clone();
         let tap_metrics = Arc::clone(&metrics);
         tasks.spawn_blocking(move || {
             // The link's sender must live as long as the subscription.
             let _link_tx = link_tx;
             tap::run(link_rx, &tap_metrics, &tap_stop);
+            Ok(())
+        });
+        let router = router_tx.clone();
+        let (link_tx, link_rx) = local_link("sparkplug", &sparkplug::birth_filters(), move |id| {
+            LinkBuilder::new(id, router)
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .await?;
+        let sparkplug_stop = stop.clone();
+        tasks.spawn_blocking(move || {
+            sparkplug::run(link_tx, link_rx, rebirths, &sparkplug_stop);
             Ok(())
         });
 
@@ -459,6 +469,33 @@ impl Drop for EmbeddedBroker {
         // Dropping a runtime blocks, which async code must not do.
         self.stop_connections();
     }
+}
+
+/// An in-process link to the router, subscribed to `filters`; `build` makes it with the id
+/// given. An external client with the same id would kick the link off the router: the id is
+/// unguessable.
+async fn local_link<B>(
+    role: &str,
+    filters: &[String],
+    build: B,
+) -> Result<(LinkTx, LinkRx), BrokerError>
+where
+    B: FnOnce(&str) -> Result<(LinkTx, LinkRx, rumqttd::Notification), String> + Send + 'static,
+{
+    let link_id = format!(
+        "{RESERVED_CLIENT_PREFIX}{role}-{:016x}",
+        rand::random::<u64>()
+    );
+    let (mut link_tx, link_rx, _ack) = tokio::task::spawn_blocking(move || build(&link_id))
+        .await
+        .map_err(|e| BrokerError::Link(e.to_string()))?
+        .map_err(BrokerError::Link)?;
+    for filter in filters {
+        link_tx
+            .subscribe(filter.clone())
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
+    }
+    Ok((link_tx, link_rx))
 }
 
 /// Threads for device connections: one per core, at least two, so one connection waiting on

@@ -139,10 +139,21 @@ pub enum Reason {
     BatchTooLarge,
     KindInvalid,
     SensorIdConflict,
+    /// A Sparkplug B payload that is not valid protobuf, or a birth that declares no usable
+    /// metric list (no name, no data type, a repeated alias).
+    SparkplugInvalid,
+    /// A Sparkplug data message naming an alias or metric its node's birth did not declare.
+    SparkplugUnknownAlias,
+    /// A Sparkplug message whose `seq` does not follow the previous one of its edge node.
+    SparkplugSeqGap,
+    /// A Sparkplug data or device birth message from a node or device with no birth in force.
+    SparkplugNoBirth,
+    /// A Sparkplug metric of a type that is no number (string, bytes, data set, template...).
+    SparkplugUnsupportedType,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 21] = [
         Reason::PayloadTooLarge,
         Reason::TopicInvalid,
         Reason::InvalidUtf8,
@@ -159,6 +170,11 @@ impl Reason {
         Reason::BatchTooLarge,
         Reason::KindInvalid,
         Reason::SensorIdConflict,
+        Reason::SparkplugInvalid,
+        Reason::SparkplugUnknownAlias,
+        Reason::SparkplugSeqGap,
+        Reason::SparkplugNoBirth,
+        Reason::SparkplugUnsupportedType,
     ];
 
     pub fn code(self) -> &'static str {
@@ -179,6 +195,11 @@ impl Reason {
             Reason::BatchTooLarge => "batch_too_large",
             Reason::KindInvalid => "kind_invalid",
             Reason::SensorIdConflict => "sensor_id_conflict",
+            Reason::SparkplugInvalid => "sparkplug_invalid",
+            Reason::SparkplugUnknownAlias => "sparkplug_unknown_alias",
+            Reason::SparkplugSeqGap => "sparkplug_seq_gap",
+            Reason::SparkplugNoBirth => "sparkplug_no_birth",
+            Reason::SparkplugUnsupportedType => "sparkplug_unsupported_type",
         }
     }
 

@@ -1,9 +1,10 @@
 //! The writer side of the pipeline: from the local log into MongoDB and Redis.
 //!
 //! Three tasks:
-//! - `writer`: reads the log in order, judges each message (`domain::decode`), stores readings
-//!   and dead letters in MongoDB (retrying until it succeeds: the log holds them meanwhile), and
-//!   marks the log position stored;
+//! - `writer`: reads the log in order, judges each message (`domain::decode`, or the Sparkplug
+//!   edge nodes' sessions), stores readings and dead letters in MongoDB (retrying until it
+//!   succeeds: the log holds them meanwhile), then the sessions the batch changed, and marks the
+//!   log position stored;
 //! - `cache_updater`: adds newly stored readings to the Redis latest sets. It is fed through a
 //!   bounded queue the writer never waits on: when the queue is full or Redis is down, the sets
 //!   are marked stale instead;
@@ -26,6 +27,7 @@ use crate::cache::{Cache, Health, LATEST};
 use crate::domain::{DeadLetter, DeadLetterBudget, Limits, Reading, Reason, SensorId, decode};
 use crate::journal::{Journal, JournalReader, Record};
 use crate::metrics::{Histogram, Metrics, Seconds};
+use crate::sparkplug::{self, NodeKey, NodeSession, Sessions};
 use crate::store::{Store, StoreError, SummaryFold};
 
 /// How much of the log one write takes at most.
@@ -65,6 +67,10 @@ pub struct Writer {
     /// Which dead letters are stored; the rest are counted and dropped. Readings never pass
     /// through it.
     pub dead_letter_budget: DeadLetterBudget,
+    /// The Sparkplug edge nodes' sessions, as stored when the writer started.
+    pub sparkplug: Sessions,
+    /// Edge nodes to ask for a rebirth, for the broker side to publish; never waits.
+    pub rebirths: mpsc::Sender<NodeKey>,
 }
 
 /// The sensor summary's share of what the writer stored and `summaries` has not written yet.
@@ -92,6 +98,10 @@ struct Batch {
     end: u64,
     /// Read from the part of the log a previous run had not marked stored.
     replayed: bool,
+    /// Positions of Sparkplug historical readings: stored, but neither in Redis nor live.
+    historical: HashSet<usize>,
+    /// The Sparkplug sessions the batch changed, as they are at its end.
+    sessions: Vec<(NodeKey, NodeSession)>,
 }
 
 impl Writer {
@@ -143,6 +153,21 @@ impl Writer {
                     in_flight.pop_front();
                     match done {
                         Ok(Some((batch, duplicates, dead_duplicates))) => {
+                            // In log order and after the batch's readings: a stored session
+                            // never runs ahead of the stored readings (see `Sessions::judge`).
+                            if !batch.sessions.is_empty()
+                                && until_done(
+                                    || self.store.save_sparkplug_sessions(&batch.sessions),
+                                    None,
+                                    &self.metrics,
+                                    &self.journal,
+                                    &stop.abort,
+                                )
+                                .await
+                                .is_none()
+                            {
+                                return;
+                            }
                             self.finish(batch, &duplicates, &dead_duplicates);
                         }
                         // Aborted (or the task panicked): the log keeps the rest.
@@ -195,7 +220,18 @@ impl Writer {
         self.metrics
             .batch_records
             .observe(records.records.len() as f64);
-        let (readings, mut dead) = judge(&records.records, &self.limits, self.journal.log_id());
+        let (readings, mut dead) = judge(
+            &records.records,
+            &self.limits,
+            self.journal.log_id(),
+            &mut self.sparkplug,
+        );
+        for node in self.sparkplug.take_rebirths() {
+            // A request lost here is asked again by the node's next message after a while.
+            if self.rebirths.try_send(node.clone()).is_err() {
+                tracing::warn!(%node, "cannot queue a Sparkplug rebirth request");
+            }
+        }
         let dropped = self.dead_letter_budget.retain(&mut dead);
         Some(Batch {
             readings,
@@ -204,6 +240,10 @@ impl Writer {
             records: records.records.len(),
             end: records.end,
             replayed: replayed > 0,
+            historical: self.sparkplug.take_historical().into_iter().collect(),
+            sessions: self
+                .sparkplug
+                .take_changed(self.journal.log_id(), records.end),
         })
     }
 
@@ -259,11 +299,16 @@ impl Writer {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .add(stored_now());
-        self.live.publish(stored_now());
+        // Historical readings fill in the past: they move neither the latest ten nor the stream.
+        let quiet: HashSet<usize> = duplicates.union(&batch.historical).copied().collect();
+        self.live.publish(
+            (batch.readings.iter().enumerate())
+                .filter_map(|(i, r)| (!quiet.contains(&i)).then_some(r)),
+        );
         if batch.replayed {
             self.health.mark_dirty(&batch.readings);
         } else {
-            let new = newly_stored(batch.readings, &duplicates);
+            let new = newly_stored(batch.readings, &quiet);
             if !new.is_empty()
                 && let Err(
                     mpsc::error::TrySendError::Full(lost) | mpsc::error::TrySendError::Closed(lost),
@@ -336,12 +381,29 @@ pub async fn summaries(
 
 /// Judges records read from the log: readings, and dead letters whose ids are unique per
 /// captured message, or per element of one (`<log id>:<LSN>` for the whole message,
-/// `<log id>:<LSN>:<index>` for one element of a batch), and the same when a replay judges it
-/// again.
-fn judge(records: &[Record], limits: &Limits, log_id: &str) -> (Vec<Reading>, Vec<DeadLetter>) {
+/// `<log id>:<LSN>:<index>` for one element of a batch or one metric of a Sparkplug payload),
+/// and the same when a replay judges it again. Sparkplug messages go to their edge node's
+/// session, in log order.
+fn judge(
+    records: &[Record],
+    limits: &Limits,
+    log_id: &str,
+    sparkplug: &mut Sessions,
+) -> (Vec<Reading>, Vec<DeadLetter>) {
     let mut readings = Vec::with_capacity(records.len());
     let mut dead = Vec::new();
     for record in records {
+        if sparkplug::is_sparkplug_topic(&record.message.topic) {
+            sparkplug.judge(
+                log_id,
+                record.lsn,
+                &record.message,
+                limits,
+                &mut readings,
+                &mut dead,
+            );
+            continue;
+        }
         match decode(&record.message, limits) {
             Ok(decoded) => {
                 readings.extend(decoded.readings);
@@ -767,7 +829,12 @@ mod tests {
                 r#"{"sensor_id":"a","value":1,"timestamp":"2024-05-01"}"#,
             ),
         ];
-        let (readings, dead) = judge(&records, &Limits::default(), "log7");
+        let (readings, dead) = judge(
+            &records,
+            &Limits::default(),
+            "log7",
+            &mut Sessions::default(),
+        );
         assert_eq!(readings.len(), 2);
         assert_eq!(readings[1].kind().as_str(), "humidity");
         assert_eq!(readings[1].value(), 2.5);
@@ -776,7 +843,12 @@ mod tests {
         assert_eq!(dead[0].reason, Reason::InvalidJson);
         assert_eq!(dead[1].reason, Reason::TopicInvalid);
         // A replay judges the same records the same way, ids included.
-        let (again, dead_again) = judge(&records, &Limits::default(), "log7");
+        let (again, dead_again) = judge(
+            &records,
+            &Limits::default(),
+            "log7",
+            &mut Sessions::default(),
+        );
         assert_eq!(again, readings);
         assert_eq!(
             dead_again.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(),
@@ -793,7 +865,12 @@ mod tests {
                 {"sensor_id":"b","value":"x","timestamp":"2024-05-01T09:00:00Z"},
                 {"sensor_id":"c","value":3,"timestamp":"2024-05-01T09:00:00Z"}]"#,
         )];
-        let (readings, dead) = judge(&records, &Limits::default(), "log7");
+        let (readings, dead) = judge(
+            &records,
+            &Limits::default(),
+            "log7",
+            &mut Sessions::default(),
+        );
         let ids: Vec<&str> = readings.iter().map(|r| r.sensor_id().as_str()).collect();
         assert_eq!(ids, ["a", "c"]);
         assert_eq!(dead.len(), 1);
@@ -805,7 +882,12 @@ mod tests {
             dead[0].message
         );
         assert_eq!(
-            judge(&records, &Limits::default(), "log7"),
+            judge(
+                &records,
+                &Limits::default(),
+                "log7",
+                &mut Sessions::default()
+            ),
             (readings, dead)
         );
     }
@@ -821,7 +903,7 @@ mod tests {
                 )
             })
             .collect();
-        let (readings, _) = judge(&records, &Limits::default(), "l");
+        let (readings, _) = judge(&records, &Limits::default(), "l", &mut Sessions::default());
         let new = newly_stored(readings, &HashSet::from([1, 3]));
         let ids: Vec<&str> = new.iter().map(|r| r.sensor_id().as_str()).collect();
         assert_eq!(ids, ["s0", "s2"]);

@@ -9,6 +9,7 @@
 mod deletes;
 mod history;
 mod retention;
+mod sparkplug;
 mod summaries;
 mod writes;
 
@@ -197,6 +198,8 @@ pub struct Store {
     dead_letters: Collection<DeadLetterDoc>,
     /// One document per sensor (`summaries.rs`), named after the readings collection.
     summaries: Collection<summaries::SummaryDoc>,
+    /// One document per Sparkplug edge node (`sparkplug.rs`), named after the readings.
+    sparkplug: Collection<bson::Document>,
     config: StoreConfig,
     /// The time ranges this process wrote readings into, for readers that cache.
     writes: Arc<WriteLog>,
@@ -251,6 +254,7 @@ impl Store {
             readings: db.collection(&config.collection),
             dead_letters: db.collection(&config.dead_letter_collection),
             summaries: db.collection(&format!("{}.sensors", config.collection)),
+            sparkplug: db.collection(&format!("{}.sparkplug", config.collection)),
             client,
             config,
             writes: Arc::default(),

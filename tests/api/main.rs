@@ -33,6 +33,7 @@ mod replica_set;
 mod restart;
 mod security;
 mod simulator;
+mod sparkplug;
 mod startup;
 mod stream;
 mod templates;

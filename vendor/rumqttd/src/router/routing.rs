@@ -1779,9 +1779,8 @@ fn validate_subscription(
         }
     }
 
-    if filter.path.starts_with('$') && !filter.path.starts_with("$share") {
-        return Err(RouterError::InvalidFilterPrefix(filter.path.to_owned()));
-    }
+    // A filter may name a topic under `$` (`$SYS/...`, `$sparkplug/...`): MQTT only keeps
+    // such topics from filters that start with a wildcard, which `matches` does.
 
     Ok(())
 }
