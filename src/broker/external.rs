@@ -498,16 +498,23 @@ mod tests {
     }
 
     #[test]
-    fn templates_are_subscribed_beside_sensors() {
+    fn templates_and_sparkplug_are_subscribed_beside_sensors() {
         let templates = Templates::parse(&["plant/+site/+sensor_id/+kind"]).unwrap();
         assert_eq!(
             filters("g", &templates).unwrap(),
-            ["$share/g/sensors/#", "$share/g/plant/+/+/+"]
+            [
+                "$share/g/sensors/#",
+                "$share/g/plant/+/+/+",
+                "$share/g/spBv1.0/#"
+            ]
         );
         assert_eq!(
             filters("", &templates).unwrap(),
-            ["sensors/#", "plant/+/+/+"]
+            ["sensors/#", "plant/+/+/+", "spBv1.0/#"]
         );
-        assert_eq!(filters("", &Templates::default()).unwrap(), ["sensors/#"]);
+        assert_eq!(
+            filters("", &Templates::default()).unwrap(),
+            ["sensors/#", "spBv1.0/#"]
+        );
     }
 }
