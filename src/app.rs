@@ -334,6 +334,7 @@ impl Application {
         });
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let write_timeout = Duration::from_secs(settings.http_write_timeout_secs);
+        let header_timeout = Duration::from_secs(settings.http_header_timeout_secs);
         let http = match &certificates {
             None => tokio::spawn(api::serve(
                 http_listener,
@@ -341,12 +342,13 @@ impl Application {
                 http_stop.clone().cancelled_owned(),
                 grace,
                 write_timeout,
+                header_timeout,
             )),
             Some(certificates) => {
                 let acceptor =
                     HttpsAcceptor::new(http_listener, Arc::clone(certificates), http_stop.clone())
                         .context("cannot serve HTTPS")?;
-                let acceptor = api::WriteDeadline::new(acceptor, write_timeout);
+                let acceptor = api::WriteDeadline::new(acceptor, write_timeout, header_timeout);
                 tokio::spawn(
                     poem::Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
                         api::app(state),

@@ -132,6 +132,9 @@ pub struct Settings {
     /// Seconds an HTTP write may make no progress before the connection is closed: cuts off
     /// clients that stop reading (a `/stream` subscriber gone silent, a slowloris reader).
     pub http_write_timeout_secs: u64,
+    /// Seconds a request's head (request line and headers) may take from its first byte, or a
+    /// new connection from its opening: cuts off slowloris clients that trickle headers.
+    pub http_header_timeout_secs: u64,
     /// Milliseconds each readiness check (MongoDB ping, Redis PING, the log's disk) may take
     /// before it counts as down.
     pub ready_timeout_ms: u64,
@@ -205,6 +208,7 @@ impl Default for Settings {
             reading_retention_days: 0,
             sensor_stale_secs: 300,
             http_write_timeout_secs: 30,
+            http_header_timeout_secs: 10,
             ready_timeout_ms: 1000,
             ready_max_pending_bytes: None,
             dead_letters_per_second: DeadLetterBudget::DEFAULT_PER_SECOND,
@@ -419,6 +423,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_HTTP_WRITE_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_write_timeout_secs: Option<u64>,
+    /// Seconds a request's head may take before the client is cut off [default: 10]
+    #[arg(long, env = "SENSORHUB_HTTP_HEADER_TIMEOUT_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_header_timeout_secs: Option<u64>,
     /// Milliseconds a readiness check may take before it counts as down [default: 1000]
     #[arg(long, env = "SENSORHUB_READY_TIMEOUT_MS")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -501,6 +509,9 @@ impl Settings {
         self.external()?;
         if self.http_write_timeout_secs == 0 {
             return fail("http_write_timeout_secs must be at least 1".into());
+        }
+        if self.http_header_timeout_secs == 0 {
+            return fail("http_header_timeout_secs must be at least 1".into());
         }
         if self.ready_timeout_ms == 0 {
             return fail("ready_timeout_ms must be at least 1".into());

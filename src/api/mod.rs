@@ -509,9 +509,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
     write_timeout: Duration,
+    header_timeout: Duration,
 ) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
-    let acceptor = WriteDeadline::new(TcpAcceptor::from_std(listener)?, write_timeout);
+    let acceptor = WriteDeadline::new(
+        TcpAcceptor::from_std(listener)?,
+        write_timeout,
+        header_timeout,
+    );
     Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app(state), shutdown, Some(grace))
         .await

@@ -7,6 +7,7 @@ use poem_openapi::param::Query;
 use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi};
 
+use super::access::ReadKey;
 use super::error::ApiError;
 use super::types::Reply;
 use super::{ApiState, DEFAULT_PAGE, Tag, to_datetime};
@@ -165,6 +166,7 @@ impl Sparkplug {
     #[oai(path = "/sparkplug/nodes", method = "get")]
     async fn nodes(
         &self,
+        _key: ReadKey,
         /// Nodes per page (default 1000).
         #[oai(validator(minimum(value = "1"), maximum(value = "10000")))]
         limit: Query<Option<u32>>,

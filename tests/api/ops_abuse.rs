@@ -137,3 +137,68 @@ async fn thousands_of_idle_connections_do_not_keep_devices_or_the_api_out() {
     assert_eq!(status, 200);
     drop(idle);
 }
+
+#[tokio::test]
+async fn a_slowloris_client_is_cut_off_while_others_are_served() {
+    use tokio::io::AsyncReadExt as _;
+    let app = TestApp::spawn_with(crate::helpers::AppOptions {
+        args: vec!["--http-header-timeout-secs".into(), "1".into()],
+        ..crate::helpers::AppOptions::default()
+    })
+    .await;
+    let addr = ("127.0.0.1", app.http_port);
+    // Headers trickled a byte every 200 ms, never finished.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let cut = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(b"X").await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(Duration::from_millis(1), slow.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "the slowloris connection was still open after 10 s"
+    );
+    let held = started.elapsed();
+    assert!(
+        held >= Duration::from_millis(800),
+        "cut after {held:?}: before its deadline"
+    );
+    // A client that opens a connection and says nothing is closed too.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection was kept: {closed:?}"
+    );
+    // A keep-alive connection idle after a complete request is kept and answers again.
+    let mut kept = TcpStream::connect(addr).await.unwrap();
+    let request = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..2 {
+        kept.write_all(request).await.unwrap();
+        let mut answer = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), kept.read(&mut answer))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(
+            answer[..n].starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&answer[..n])
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+}
