@@ -320,7 +320,7 @@ impl Application {
             store,
             cache,
             health,
-            metrics,
+            Arc::clone(&metrics),
             gauges,
             Duration::from_millis(settings.read_cache_ms),
         )
@@ -348,7 +348,12 @@ impl Application {
                 let acceptor =
                     HttpsAcceptor::new(http_listener, Arc::clone(certificates), http_stop.clone())
                         .context("cannot serve HTTPS")?;
-                let acceptor = api::WriteDeadline::new(acceptor, write_timeout, header_timeout);
+                let acceptor = api::WriteDeadline::new(
+                    acceptor,
+                    write_timeout,
+                    header_timeout,
+                    Arc::clone(&metrics),
+                );
                 tokio::spawn(
                     poem::Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(
                         api::app(state),

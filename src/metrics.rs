@@ -49,6 +49,10 @@ pub struct Metrics {
     pub dead_letters_dropped: [AtomicU64; Reason::ALL.len()],
     /// MQTT connections whose CONNECT was accepted and that are still open.
     pub mqtt_clients: AtomicU64,
+    /// HTTP connections closed because a write made no progress (`--http-write-timeout-secs`).
+    pub http_write_timeouts: AtomicU64,
+    /// HTTP connections closed because a request head was late (`--http-header-timeout-secs`).
+    pub http_header_timeouts: AtomicU64,
     /// Records (readings and dead letters) per batch the writer took from the log.
     pub batch_records: Histogram<Records>,
     /// Time of each MongoDB `insert_many` of readings, failed attempts included.
@@ -110,7 +114,7 @@ impl Metrics {
     /// The Prometheus text exposition of every counter and `gauges`.
     pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 14] = [
+        let counters: [(&str, &str, &AtomicU64); 16] = [
             (
                 "sensorhub_messages_captured_total",
                 "Messages on sensors/# written to the local log before their acknowledgement.",
@@ -180,6 +184,16 @@ impl Metrics {
                 "sensorhub_mqtt_subscriptions_refused_total",
                 "Subscription filters a credential may not use.",
                 &self.mqtt_subscriptions_refused,
+            ),
+            (
+                "sensorhub_http_write_timeouts_total",
+                "HTTP connections closed because the client read nothing for the write timeout (a /stream client that stopped reading among them).",
+                &self.http_write_timeouts,
+            ),
+            (
+                "sensorhub_http_header_timeouts_total",
+                "HTTP connections closed because a request head was not complete within the header timeout (slowloris).",
+                &self.http_header_timeouts,
             ),
         ];
         for (name, help, counter) in counters {

@@ -20,11 +20,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use poem::http::uri::Scheme;
 use poem::listener::Acceptor;
 use poem::web::{LocalAddr, RemoteAddr};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
+
+use crate::metrics::Metrics;
 
 /// Connections of `inner`, each with a write deadline of `limit` and a head deadline of
 /// `head_limit`.
@@ -33,14 +38,17 @@ pub struct WriteDeadline<A> {
     inner: A,
     limit: Duration,
     head_limit: Duration,
+    /// Where the connections cut off are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl<A> WriteDeadline<A> {
-    pub fn new(inner: A, limit: Duration, head_limit: Duration) -> Self {
+    pub fn new(inner: A, limit: Duration, head_limit: Duration, metrics: Arc<Metrics>) -> Self {
         Self {
             inner,
             limit,
             head_limit,
+            metrics,
         }
     }
 }
@@ -60,6 +68,7 @@ impl<A: Acceptor> Acceptor for WriteDeadline<A> {
                 limit: self.limit,
                 stalled: None,
                 head: Head::new(self.head_limit),
+                metrics: Arc::clone(&self.metrics),
             },
             local,
             remote,
@@ -77,6 +86,7 @@ pub struct DeadlineIo<T> {
     /// Armed when a write first found the socket full; disarmed by any progress.
     stalled: Option<Pin<Box<Sleep>>>,
     head: Head,
+    metrics: Arc<Metrics>,
 }
 
 /// The HTTP/2 connection preface's first line.
@@ -151,6 +161,8 @@ impl Head {
             return Poll::Pending;
         };
         ready!(timer.as_mut().poll(cx));
+        // Said once: the connection ends with this error
+        self.timer = None;
         Poll::Ready(io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
@@ -168,6 +180,10 @@ impl<T> DeadlineIo<T> {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
         ready!(timer.as_mut().poll(cx));
+        self.stalled = None;
+        self.metrics
+            .http_write_timeouts
+            .fetch_add(1, Ordering::Relaxed);
         Poll::Ready(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("the client read nothing for {} s", limit.as_secs_f64()),
@@ -187,7 +203,15 @@ impl<T: AsyncRead + Unpin> AsyncRead for DeadlineIo<T> {
                 self.head.read(&buf.filled()[before..]);
                 Poll::Ready(Ok(()))
             }
-            Poll::Pending => self.head.overdue(cx).map(Err),
+            Poll::Pending => {
+                let overdue = self.head.overdue(cx);
+                if overdue.is_ready() {
+                    self.metrics
+                        .http_header_timeouts
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                overdue.map(Err)
+            }
             failed => failed,
         }
     }
@@ -256,6 +280,7 @@ mod tests {
             limit: Duration::from_millis(200),
             stalled: None,
             head: Head::new(Duration::from_secs(60)),
+            metrics: Arc::default(),
         };
         io.write_all(&[0; 64]).await.unwrap();
         // Reading half of it makes room: progress, so the timer starts over.
@@ -277,6 +302,7 @@ mod tests {
             limit: Duration::from_secs(60),
             stalled: None,
             head: Head::new(head_limit),
+            metrics: Arc::default(),
         };
         (io, client)
     }

@@ -516,6 +516,7 @@ pub async fn serve(
         TcpAcceptor::from_std(listener)?,
         write_timeout,
         header_timeout,
+        Arc::clone(&state.metrics),
     );
     Server::new_with_acceptor(acceptor)
         .run_with_graceful_shutdown(app(state), shutdown, Some(grace))

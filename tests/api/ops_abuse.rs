@@ -184,6 +184,7 @@ async fn a_slowloris_client_is_cut_off_while_others_are_served() {
         matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
         "a silent connection was kept: {closed:?}"
     );
+    assert_eq!(app.metric("sensorhub_http_header_timeouts_total").await, 2);
     // A keep-alive connection idle after a complete request is kept and answers again.
     let mut kept = TcpStream::connect(addr).await.unwrap();
     let request = b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n";
