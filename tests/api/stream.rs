@@ -206,10 +206,15 @@ async fn a_client_that_stops_reading_is_dropped_and_counted_while_ingest_goes_on
         (dropped(&app).await >= 1).then_some(())
     })
     .await;
-    assert_eq!(
-        dropped(&app).await,
-        1,
-        "the client that stopped reading was not dropped after {sent} readings"
+    // One client, one connection: each way counts it at most once (both may, when it fell
+    // behind and then the write of the stream's end stalled too).
+    let (behind, stalled) = (
+        app.metric("sensorhub_stream_dropped_total").await,
+        app.metric("sensorhub_http_write_timeouts_total").await,
+    );
+    assert!(
+        behind <= 1 && stalled <= 1,
+        "one client counted {behind} times as behind and {stalled} times as stalled"
     );
     wait_for_clients(&app, 0).await;
     assert_eq!(app.count_readings().await, sent as u64);
