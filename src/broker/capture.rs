@@ -30,9 +30,7 @@ use rumqttd::protocol::{
 };
 
 use crate::auth::{Access, Gatekeeper, Refusal};
-use crate::domain::{
-    Captured, FORBIDDEN_TOPIC_PREFIX, Templates, Timestamp, claimed_sensor_ids, is_captured,
-};
+use crate::domain::{Captured, FORBIDDEN_TOPIC_PREFIX, Templates, Timestamp, claimed_sensor_ids};
 use crate::metrics::Metrics;
 use crate::sparkplug;
 
@@ -335,7 +333,7 @@ impl<P> Capture<P> {
             .then(|| sparkplug_node_of(&topic))
             .flatten();
         let reading =
-            is_captured(&topic, &self.admission.templates) || sparkplug::is_sparkplug_topic(&topic);
+            sparkplug_node.is_some() || super::captures(&topic, &self.admission.templates);
         // An empty retained publish deletes the retained message: a broker command, not a
         // reading, and no credential's sensor ids say whose it is.
         let deletion = publish.retain && publish.payload.is_empty();

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::BrokerStatus;
 use super::capture::CaptureSink;
-use crate::domain::{Captured, TOPIC_PREFIX, Templates, Timestamp, is_captured};
+use crate::domain::{Captured, TOPIC_PREFIX, Templates, Timestamp};
 use crate::metrics::Metrics;
 use crate::sparkplug::{self, NAMESPACE, NodeKey};
 
@@ -427,7 +427,7 @@ fn capture(
     metrics: &Metrics,
 ) -> bool {
     let topic = publish.topic.as_bytes();
-    if !is_captured(topic, &config.templates) && !sparkplug::is_sparkplug_topic(topic) {
+    if !super::captures(topic, &config.templates) {
         // A broker may deliver what we did not ask for (an overlapping subscription of this
         // client id): acknowledged, as a subscriber that ignores it would.
         return true;

@@ -37,6 +37,13 @@ use crate::domain::{TOPIC_PREFIX, Templates};
 use crate::metrics::Metrics;
 use crate::tls::Certificates;
 
+/// Whether a message on `topic` goes into the local log, whichever way it arrived (embedded
+/// broker or external one): readings under `sensors`, the operator's templated topics, and
+/// Sparkplug B messages.
+pub(crate) fn captures(topic: &[u8], templates: &Templates) -> bool {
+    crate::domain::is_captured(topic, templates) || crate::sparkplug::is_sparkplug_topic(topic)
+}
+
 /// The broker configuration shipped with sensorhub, used when no `rumqttd.toml` is found.
 pub const DEFAULT_CONFIG: &str = include_str!("../../rumqttd.toml");
 
