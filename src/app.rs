@@ -29,8 +29,12 @@ use crate::simulator::{self, SimulatorConfig};
 use crate::store::{Store, StoreConfig};
 use crate::tls::{Certificates, HttpsAcceptor};
 
-/// How often the sensor summary is written: how far `/sensors` may trail the readings.
-const SUMMARY_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the sensor summary is written: how far `/sensors` may trail the readings, at light
+/// load and at most.
+const SUMMARY_PACE: ingest::SummaryPace = ingest::SummaryPace {
+    least: Duration::from_millis(500),
+    most: Duration::from_secs(10),
+};
 /// How often the readiness checks run.
 const READY_INTERVAL: Duration = Duration::from_secs(1);
 /// Sparkplug rebirth requests queued for the broker side (at most one per node is outstanding).
@@ -174,7 +178,6 @@ impl Application {
             settings.sparkplug_kinds()?,
         );
         let (rebirth_tx, rebirth_rx) = tokio::sync::mpsc::channel(REBIRTH_QUEUE);
-        let summaries = Arc::new(ingest::PendingSummaries::default());
         let writer_stop = WriterStop {
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
@@ -189,7 +192,6 @@ impl Application {
                 health: Arc::clone(&health),
                 cache_tx,
                 live: Arc::clone(&live),
-                summaries: Arc::clone(&summaries),
                 dead_letter_budget: DeadLetterBudget::new(settings.dead_letters_per_second),
                 sparkplug,
                 rebirths: rebirth_tx,
@@ -199,9 +201,8 @@ impl Application {
         let summaries_stop = CancellationToken::new();
         let summary_writer = tokio::spawn(ingest::summaries(
             store.clone(),
-            summaries,
             Arc::clone(&metrics),
-            SUMMARY_INTERVAL,
+            SUMMARY_PACE,
             summaries_stop.clone(),
         ));
         let cache_updater = tokio::spawn(ingest::cache_updater(

@@ -24,6 +24,13 @@ impl SensorId {
     }
 }
 
+/// Ids order as their text does, so maps keyed by id can be searched by text.
+impl std::borrow::Borrow<str> for SensorId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for SensorId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

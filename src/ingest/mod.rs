@@ -28,7 +28,7 @@ use crate::domain::{DeadLetter, DeadLetterBudget, Limits, Reading, Reason, Senso
 use crate::journal::{Journal, JournalReader, Record};
 use crate::metrics::{Histogram, Metrics, Seconds};
 use crate::sparkplug::{self, NodeKey, NodeSession, Sessions};
-use crate::store::{Store, StoreError, SummaryFold};
+use crate::store::{Store, StoreError};
 
 /// How much of the log one write takes at most.
 const BATCH_BYTES: usize = 512 << 10;
@@ -62,8 +62,6 @@ pub struct Writer {
     pub cache_tx: mpsc::Sender<Vec<Reading>>,
     /// Newly stored readings go out here, to `/stream` subscribers; never waits.
     pub live: Arc<crate::live::Live>,
-    /// Newly stored readings folded for the sensor summary, written by `summaries`.
-    pub summaries: Arc<PendingSummaries>,
     /// Which dead letters are stored; the rest are counted and dropped. Readings never pass
     /// through it.
     pub dead_letter_budget: DeadLetterBudget,
@@ -73,8 +71,25 @@ pub struct Writer {
     pub rebirths: mpsc::Sender<NodeKey>,
 }
 
-/// The sensor summary's share of what the writer stored and `summaries` has not written yet.
-pub type PendingSummaries = std::sync::Mutex<SummaryFold>;
+/// The summary's writes are paced to take about 1/`SUMMARY_SHARE` of the time at most.
+const SUMMARY_SHARE: u32 = 50;
+
+/// How long `summaries` pauses between writes.
+#[derive(Clone, Copy, Debug)]
+pub struct SummaryPace {
+    /// The pause after a cheap write: how far the summary trails the readings at light load.
+    pub least: Duration,
+    /// The longest pause, however costly the last write was.
+    pub most: Duration,
+}
+
+impl SummaryPace {
+    /// The pause after a write that took `took`: `SUMMARY_SHARE` times as long, within bounds.
+    pub fn next(&self, took: Duration) -> Duration {
+        took.saturating_mul(SUMMARY_SHARE)
+            .clamp(self.least, self.most)
+    }
+}
 
 /// A queue to the cache updater; the writer never waits on it.
 pub fn cache_queue() -> (mpsc::Sender<Vec<Reading>>, mpsc::Receiver<Vec<Reading>>) {
@@ -252,6 +267,12 @@ impl Writer {
     /// readings are not.
     fn finish(&self, batch: Batch, duplicates: &[usize], dead_duplicates: &[usize]) {
         let duplicates: HashSet<usize> = duplicates.iter().copied().collect();
+        let stored_now = || {
+            (batch.readings.iter().enumerate())
+                .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
+        };
+        // Before the counter moves: whoever sees a reading counted finds it on `/sensors`.
+        self.store.summarise(stored_now());
         self.metrics.stored.fetch_add(
             (batch.readings.len() - duplicates.len()) as u64,
             Ordering::Relaxed,
@@ -291,14 +312,6 @@ impl Writer {
         self.metrics
             .journal_records_done
             .fetch_add(batch.records as u64, Ordering::Relaxed);
-        let stored_now = || {
-            (batch.readings.iter().enumerate())
-                .filter_map(|(i, r)| (!duplicates.contains(&i)).then_some(r))
-        };
-        self.summaries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .add(stored_now());
         // Historical readings fill in the past: they move neither the latest ten nor the stream.
         let quiet: HashSet<usize> = duplicates.union(&batch.historical).copied().collect();
         self.live.publish(
@@ -321,58 +334,50 @@ impl Writer {
     }
 }
 
-/// Writes the sensor summary (`/sensors`, `/latest`) off the writer's path: every `every`, what
-/// the writer folded since the last write goes out as one command per 1,000 sensors, so its cost
-/// follows the sensors that reported, not the batches. A failed write keeps its part for the
-/// next round. Runs until `stop`, then writes what is left once more.
+/// Writes the sensor summary (`/sensors`, `/latest`) off the writer's path: what the writer
+/// summarised since the last write (`Store::summarise`) goes out as one command per 1,000
+/// sensors, so its cost follows the sensors that reported, not the batches. A failed write keeps
+/// its part for the next round. Runs until `stop`, then writes what is left once more.
 ///
-/// The summary trails the readings by up to `every`; a crash loses the counts of that interval
-/// (first and last seen and the last value are set again by the sensor's next reading).
+/// An upsert costs the store several inserts, so the pause between writes follows their cost:
+/// `pace.next` gives the summary a small share of the time (`SUMMARY_SHARE`). Reads in this
+/// process add what is not written yet, so its `/sensors` and `/latest` never trail; other
+/// instances' trail by `pace.least` when writes are cheap, by up to `pace.most` under load. A
+/// crash loses the counts of that interval (first and last seen and the last value are set
+/// again by the sensor's next reading).
 pub async fn summaries(
     store: Store,
-    pending: Arc<PendingSummaries>,
     metrics: Arc<Metrics>,
-    every: Duration,
+    pace: SummaryPace,
     stop: CancellationToken,
 ) {
-    let take = || {
-        std::mem::take(
-            &mut *pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    };
     let mut failures: u32 = 0;
+    let mut pause = pace.least;
     loop {
         let stopping = tokio::select! {
-            () = tokio::time::sleep(every) => false,
+            () = tokio::time::sleep(pause) => false,
             () = stop.cancelled() => true,
         };
-        let fold = take();
-        if !fold.is_empty() {
-            match tokio::time::timeout(WRITE_TIMEOUT, store.record_summaries(&fold)).await {
-                Ok(Ok(())) => failures = 0,
-                outcome => {
-                    let (error, unapplied) = match outcome {
-                        Ok(Err((e, unapplied))) => (e, unapplied),
-                        _ => (StoreError::TimedOut(WRITE_TIMEOUT), fold),
-                    };
-                    metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                    if failures.is_multiple_of(10) {
-                        tracing::warn!(
-                            error = crate::error_chain(&error),
-                            sensors = unapplied.len(),
-                            "cannot update the sensor summary; trying again"
-                        );
-                    }
-                    failures += 1;
-                    pending
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .merge(unapplied);
-                }
+        let began = tokio::time::Instant::now();
+        pause = match store.flush_summaries(WRITE_TIMEOUT).await {
+            Ok(0) => pace.least,
+            Ok(_) => {
+                failures = 0;
+                pace.next(began.elapsed())
             }
-        }
+            Err((error, kept)) => {
+                metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                if failures.is_multiple_of(10) {
+                    tracing::warn!(
+                        error = crate::error_chain(&error),
+                        sensors = kept,
+                        "cannot update the sensor summary; trying again"
+                    );
+                }
+                failures += 1;
+                pace.next(began.elapsed())
+            }
+        };
         if stopping {
             return;
         }
@@ -907,6 +912,18 @@ mod tests {
         let new = newly_stored(readings, &HashSet::from([1, 3]));
         let ids: Vec<&str> = new.iter().map(|r| r.sensor_id().as_str()).collect();
         assert_eq!(ids, ["s0", "s2"]);
+    }
+
+    #[test]
+    fn summary_writes_pause_fifty_times_their_cost_within_bounds() {
+        let pace = SummaryPace {
+            least: Duration::from_millis(500),
+            most: Duration::from_secs(5),
+        };
+        let pauses: Vec<u128> = [1, 25, 80, 200, 10_000]
+            .map(|ms| pace.next(Duration::from_millis(ms)).as_millis())
+            .to_vec();
+        assert_eq!(pauses, [500, 1250, 4000, 5000, 5000]);
     }
 
     #[test]

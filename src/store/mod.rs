@@ -203,6 +203,8 @@ pub struct Store {
     config: StoreConfig,
     /// The time ranges this process wrote readings into, for readers that cache.
     writes: Arc<WriteLog>,
+    /// The sensor summary's part this process has not written yet, added to its reads.
+    unwritten: Arc<summaries::Unwritten>,
 }
 
 impl Store {
@@ -258,6 +260,7 @@ impl Store {
             client,
             config,
             writes: Arc::default(),
+            unwritten: Arc::default(),
         };
         store.ping().await?;
         Ok(store)

@@ -8,7 +8,10 @@
 //! whatever order two writers apply their batches in), `$inc` of the count by readings newly
 //! stored. Two instances sharing MongoDB therefore never undo each other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Bound;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use bson::{Bson, DateTime, Document, doc};
 use futures_util::TryStreamExt;
@@ -39,6 +42,17 @@ pub struct SensorSummary {
 }
 
 impl SensorSummary {
+    /// A sensor with no kind yet, for a fold to fill in.
+    fn empty(sensor_id: SensorId) -> Self {
+        Self {
+            sensor_id,
+            first_seen: Timestamp::MAX,
+            last_seen: Timestamp::MIN,
+            count: 0,
+            kinds: Vec::new(),
+        }
+    }
+
     /// The latest reading of each kind.
     pub fn latest(&self) -> impl Iterator<Item = Reading> + '_ {
         self.kinds.iter().filter_map(|k| {
@@ -159,7 +173,8 @@ struct Fold {
 /// has seen since it was last written, not with the readings.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SummaryFold {
-    sensors: HashMap<SensorId, HashMap<Kind, Fold>>,
+    /// In id order, so a page of `/sensors` finds what the fold adds to it by range.
+    sensors: BTreeMap<SensorId, HashMap<Kind, Fold>>,
 }
 
 impl SummaryFold {
@@ -216,6 +231,155 @@ impl SummaryFold {
         self.sensors.len()
     }
 
+    /// Adds what the fold holds for `s`'s sensor to a summary read from MongoDB. First and last
+    /// times and the last value are a minimum and a maximum, right however often applied; the
+    /// counts only with `counts`, for a fold that MongoDB cannot hold yet.
+    fn apply(&self, s: &mut SensorSummary, counts: bool) {
+        let Some(kinds) = self.sensors.get(&s.sensor_id) else {
+            return;
+        };
+        for (kind, fold) in kinds {
+            let count = if counts { fold.count.max(0) as u64 } else { 0 };
+            match s.kinds.iter_mut().find(|k| &k.kind == kind) {
+                Some(k) => {
+                    k.first_seen = k.first_seen.min(fold.first);
+                    if fold.last > k.last_seen {
+                        k.last_seen = fold.last;
+                        k.last_value = fold.last_value;
+                    }
+                    k.count += count;
+                }
+                None => s.kinds.push(KindSummary {
+                    kind: kind.clone(),
+                    first_seen: fold.first,
+                    last_seen: fold.last,
+                    last_value: fold.last_value,
+                    count,
+                }),
+            }
+            s.first_seen = s.first_seen.min(fold.first);
+            s.last_seen = s.last_seen.max(fold.last);
+            s.count += count;
+        }
+        s.kinds.sort_by(|a, b| a.kind.cmp(&b.kind));
+    }
+
+    /// Sensors of the fold that `query` selects, in id order, below `below` when given, at most
+    /// `query.limit`.
+    fn selected<'a>(
+        &'a self,
+        query: &'a SummaryQuery,
+        below: Option<&'a SensorId>,
+    ) -> impl Iterator<Item = &'a SensorId> + 'a {
+        let prefix = query.prefix.as_deref().unwrap_or("");
+        let from = match &query.after {
+            Some(after) if after.as_str() >= prefix => Bound::Excluded(after.as_str()),
+            _ => Bound::Included(prefix),
+        };
+        self.sensors
+            .range::<str, _>((from, Bound::Unbounded))
+            .take_while(move |(id, _)| {
+                id.as_str().starts_with(prefix) && below.is_none_or(|b| *id < b)
+            })
+            .filter(|(_, kinds)| {
+                query
+                    .kind
+                    .as_deref()
+                    .is_none_or(|kind| kinds.keys().any(|k| k.as_str() == kind))
+            })
+            .map(|(id, _)| id)
+            .take(query.limit as usize)
+    }
+}
+
+/// What this process summarised and MongoDB does not hold yet: readings stored since the summary
+/// was last written (`pending`), and the write under way (`writing`). Reads of the summary in
+/// this process add both, so `/sensors` and `/latest` show a reading as soon as it is stored,
+/// however long the summary waits between writes; other processes see it once it is written.
+#[derive(Debug, Default)]
+pub struct Unwritten {
+    pending: Mutex<SummaryFold>,
+    writing: Mutex<SummaryFold>,
+}
+
+impl Unwritten {
+    fn pending(&self) -> MutexGuard<'_, SummaryFold> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writing(&self) -> MutexGuard<'_, SummaryFold> {
+        self.writing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds the unwritten part to a page read from MongoDB for `query`, and the sensors only
+    /// this process knows of yet. Returns the ids of sensors that may have a stored summary
+    /// the read left out (it lacked the kind asked for, which only the fold holds): the caller
+    /// reads them and passes them to `add_read`.
+    ///
+    /// Called after the read: what is pending then was not written before it, so its counts
+    /// are added; what is being written may or may not be in the read, so its counts are added
+    /// only to sensors the read did not return.
+    fn overlay(&self, page: &mut Vec<SensorSummary>, query: &SummaryQuery) -> Vec<SensorId> {
+        let (pending, writing) = (self.pending(), self.writing());
+        if pending.is_empty() && writing.is_empty() {
+            return Vec::new();
+        }
+        for s in page.iter_mut() {
+            writing.apply(s, false);
+            pending.apply(s, true);
+        }
+        // A full page ends at its last id: sensors past it belong to a later page.
+        let below = (page.len() >= query.limit as usize)
+            .then(|| page.last().map(|s| s.sensor_id.clone()))
+            .flatten();
+        let known: HashSet<SensorId> = page.iter().map(|s| s.sensor_id.clone()).collect();
+        let mut unread = Vec::new();
+        let mut added = BTreeMap::new();
+        for fold in [&*pending, &*writing] {
+            for id in fold.selected(query, below.as_ref()) {
+                if known.contains(id) || added.contains_key(id) {
+                    continue;
+                }
+                let mut s = SensorSummary::empty(id.clone());
+                writing.apply(&mut s, true);
+                pending.apply(&mut s, true);
+                if query.kind.is_some() {
+                    unread.push(id.clone());
+                }
+                added.insert(id.clone(), s);
+            }
+        }
+        page.extend(added.into_values());
+        page.sort_by(|a, b| a.sensor_id.cmp(&b.sensor_id));
+        page.truncate(query.limit as usize);
+        unread
+    }
+
+    /// `overlay` for one sensor's summary, read from MongoDB (`None`: not there).
+    fn overlay_one(&self, found: Option<SensorSummary>, id: &SensorId) -> Option<SensorSummary> {
+        let (pending, writing) = (self.pending(), self.writing());
+        let counted = found.is_none();
+        let mut s = found.unwrap_or_else(|| SensorSummary::empty(id.clone()));
+        writing.apply(&mut s, counted);
+        pending.apply(&mut s, true);
+        (!s.kinds.is_empty()).then_some(s)
+    }
+
+    /// Puts summaries read after `overlay` asked for them in place of the ones it built from
+    /// the fold alone.
+    fn add_read(&self, page: &mut [SensorSummary], read: Vec<SensorSummary>) {
+        let (pending, writing) = (self.pending(), self.writing());
+        for mut stored in read {
+            if let Some(slot) = page.iter_mut().find(|s| s.sensor_id == stored.sensor_id) {
+                writing.apply(&mut stored, false);
+                pending.apply(&mut stored, true);
+                *slot = stored;
+            }
+        }
+    }
+}
+
+impl SummaryFold {
     /// One update statement per sensor, every operator one that commutes (`$min`, `$max`,
     /// `$inc`), so instances writing the same summary never undo each other.
     fn statements(&self) -> Vec<(SensorId, Document)> {
@@ -329,8 +493,61 @@ impl Store {
         Ok(())
     }
 
-    /// Sensors in id order, from the summary: one indexed read, however long the history.
+    /// Adds newly stored readings to the summary's unwritten part (see `flush_summaries`).
+    /// Duplicates must be left out, as for `SummaryFold::add`.
+    pub fn summarise<'a>(&self, readings: impl IntoIterator<Item = &'a Reading>) {
+        self.unwritten.pending().add(readings);
+    }
+
+    /// Writes what `summarise` gathered since the last flush; reads in this process show it
+    /// meanwhile. What a failed or timed-out write did not apply is kept for the next flush.
+    /// Returns the sensors written, or the error and the sensors kept.
+    pub async fn flush_summaries(&self, timeout: Duration) -> Result<usize, (StoreError, usize)> {
+        let fold = std::mem::take(&mut *self.unwritten.pending());
+        if fold.is_empty() {
+            return Ok(0);
+        }
+        *self.unwritten.writing() = fold.clone();
+        let outcome = tokio::time::timeout(timeout, self.record_summaries(&fold)).await;
+        let mut writing = self.unwritten.writing();
+        let unapplied = match outcome {
+            Ok(Ok(())) => {
+                *writing = SummaryFold::default();
+                return Ok(fold.len());
+            }
+            Ok(Err((e, unapplied))) => (e, unapplied),
+            Err(_) => (StoreError::TimedOut(timeout), fold),
+        };
+        let (error, unapplied) = unapplied;
+        let kept = unapplied.len();
+        // Back into pending before `writing` empties, so a read never misses it.
+        self.unwritten.pending().merge(unapplied);
+        *writing = SummaryFold::default();
+        Err((error, kept))
+    }
+
+    /// Sensors in id order, from the summary: one indexed read, however long the history, plus
+    /// what this process has not written yet.
     pub async fn sensors(&self, query: &SummaryQuery) -> Result<Vec<SensorSummary>, StoreError> {
+        let mut page = self.stored_sensors(query).await?;
+        let unread = self.unwritten.overlay(&mut page, query);
+        if !unread.is_empty() {
+            let ids: Vec<&str> = unread.iter().map(SensorId::as_str).collect();
+            let read: Vec<SensorSummary> = self
+                .summaries
+                .find(doc! {"_id": {"$in": ids}})
+                .await?
+                .try_collect::<Vec<SummaryDoc>>()
+                .await?
+                .into_iter()
+                .filter_map(SummaryDoc::into_summary)
+                .collect();
+            self.unwritten.add_read(&mut page, read);
+        }
+        Ok(page)
+    }
+
+    async fn stored_sensors(&self, query: &SummaryQuery) -> Result<Vec<SensorSummary>, StoreError> {
         let mut id = Document::new();
         if let Some(prefix) = &query.prefix {
             id.insert("$regex", format!("^{}", regex_escape(prefix)));
@@ -364,7 +581,11 @@ impl Store {
     /// One sensor's summary; `None` when it never reported.
     pub async fn sensor(&self, id: &str) -> Result<Option<SensorSummary>, StoreError> {
         let found = self.summaries.find_one(doc! {"_id": id}).await?;
-        Ok(found.and_then(SummaryDoc::into_summary))
+        let found = found.and_then(SummaryDoc::into_summary);
+        Ok(match SensorId::parse(id) {
+            Ok(sensor) => self.unwritten.overlay_one(found, &sensor),
+            Err(_) => found,
+        })
     }
 }
 
@@ -441,6 +662,168 @@ mod tests {
         assert_eq!(inc.get_i64("kinds.h.count").unwrap(), 1);
         assert_eq!(fold.only(&[]).len(), 0);
         assert_eq!(fold.only(&[SensorId::parse("a").unwrap()]), fold);
+    }
+
+    fn stored(
+        id: &str,
+        kind: &str,
+        first: i64,
+        last: i64,
+        value: f64,
+        count: u64,
+    ) -> SensorSummary {
+        let kind = KindSummary {
+            kind: Kind::parse(kind).unwrap(),
+            first_seen: Timestamp::from_millis(first).unwrap(),
+            last_seen: Timestamp::from_millis(last).unwrap(),
+            last_value: value,
+            count,
+        };
+        SensorSummary {
+            sensor_id: SensorId::parse(id).unwrap(),
+            first_seen: kind.first_seen,
+            last_seen: kind.last_seen,
+            count,
+            kinds: vec![kind],
+        }
+    }
+
+    fn query(
+        prefix: Option<&str>,
+        kind: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> SummaryQuery {
+        SummaryQuery {
+            prefix: prefix.map(str::to_owned),
+            kind: kind.map(str::to_owned),
+            after: after.map(str::to_owned),
+            limit,
+        }
+    }
+
+    fn ids(page: &[SensorSummary]) -> Vec<&str> {
+        page.iter().map(|s| s.sensor_id.as_str()).collect()
+    }
+
+    #[test]
+    fn reads_add_what_is_pending_and_the_times_of_what_is_being_written() {
+        let unwritten = Unwritten::default();
+        unwritten
+            .pending()
+            .add(&[reading("a", "t", 5.0, 9000), reading("a", "h", 1.0, 500)]);
+        // Being written: perhaps already in the read, so its count must not be added again.
+        unwritten
+            .writing()
+            .add(&[reading("a", "t", 4.0, 8000), reading("a", "t", 3.0, 100)]);
+        let mut page = vec![stored("a", "t", 1000, 7000, 2.0, 10)];
+        let unread = unwritten.overlay(&mut page, &query(None, None, None, 10));
+        assert!(unread.is_empty());
+        let a = &page[0];
+        assert_eq!(
+            (a.count, a.first_seen.as_millis(), a.last_seen.as_millis()),
+            (12, 100, 9000)
+        );
+        let kinds: Vec<(&str, f64, u64, i64)> = a
+            .kinds
+            .iter()
+            .map(|k| {
+                (
+                    k.kind.as_str(),
+                    k.last_value,
+                    k.count,
+                    k.first_seen.as_millis(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [("h", 1.0, 1, 500), ("t", 5.0, 11, 100)],
+            "kinds in name order"
+        );
+    }
+
+    #[test]
+    fn sensors_only_this_process_knows_join_the_page_where_they_belong() {
+        let unwritten = Unwritten::default();
+        unwritten.pending().add(&[
+            reading("b", "t", 1.0, 10),
+            reading("d", "t", 2.0, 20),
+            reading("x1", "h", 3.0, 30),
+            reading("z", "t", 4.0, 40),
+        ]);
+        unwritten
+            .writing()
+            .add(&[reading("c", "t", 5.0, 50), reading("c", "t", 6.0, 60)]);
+        let page = || {
+            vec![
+                stored("a", "t", 1, 2, 0.0, 1),
+                stored("e", "t", 1, 2, 0.0, 1),
+            ]
+        };
+
+        // A full page ends at its last id: "z" belongs to a later page.
+        let mut full = page();
+        unwritten.overlay(&mut full, &query(None, None, None, 2));
+        assert_eq!(
+            ids(&full),
+            ["a", "b"],
+            "truncated to the limit, in id order"
+        );
+        let mut full = page();
+        unwritten.overlay(&mut full, &query(None, None, None, 2 + 4));
+        assert_eq!(ids(&full), ["a", "b", "c", "d", "e", "x1"]);
+        assert_eq!(
+            full[2].count, 2,
+            "not in the read: what is being written counts"
+        );
+        let mut last = page();
+        unwritten.overlay(&mut last, &query(None, None, None, 10));
+        assert_eq!(ids(&last), ["a", "b", "c", "d", "e", "x1", "z"]);
+
+        let mut after = vec![];
+        unwritten.overlay(&mut after, &query(None, None, Some("c"), 10));
+        assert_eq!(ids(&after), ["d", "x1", "z"]);
+        let mut prefixed = vec![];
+        unwritten.overlay(&mut prefixed, &query(Some("x"), None, None, 10));
+        assert_eq!(ids(&prefixed), ["x1"]);
+        let mut prefixed_after = vec![];
+        unwritten.overlay(&mut prefixed_after, &query(Some("x"), None, Some("a"), 10));
+        assert_eq!(
+            ids(&prefixed_after),
+            ["x1"],
+            "a cursor before the prefix starts at it"
+        );
+
+        // With a kind, a sensor the read left out may be stored without that kind.
+        let mut by_kind = vec![];
+        let unread = unwritten.overlay(&mut by_kind, &query(None, Some("h"), None, 10));
+        assert_eq!(ids(&by_kind), ["x1"]);
+        assert_eq!(unread, [SensorId::parse("x1").unwrap()]);
+        unwritten.add_read(&mut by_kind, vec![stored("x1", "t", 1, 2, 9.0, 7)]);
+        let x1 = &by_kind[0];
+        assert_eq!(
+            (x1.count, x1.kinds.len()),
+            (8, 2),
+            "the stored kind and the new one"
+        );
+    }
+
+    #[test]
+    fn one_sensor_is_read_with_what_is_unwritten() {
+        let unwritten = Unwritten::default();
+        let a = SensorId::parse("a").unwrap();
+        assert_eq!(unwritten.overlay_one(None, &a), None);
+        unwritten.pending().add(&[reading("a", "t", 5.0, 9000)]);
+        let only_here = unwritten.overlay_one(None, &a).unwrap();
+        assert_eq!(
+            (only_here.count, only_here.last_seen.as_millis()),
+            (1, 9000)
+        );
+        let both = unwritten
+            .overlay_one(Some(stored("a", "t", 1, 2, 0.0, 4)), &a)
+            .unwrap();
+        assert_eq!((both.count, both.kinds[0].last_value), (5, 5.0));
     }
 
     #[test]

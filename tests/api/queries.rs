@@ -154,15 +154,81 @@ async fn sensors_and_latest_come_from_the_summary_kept_on_the_write_path() {
     let (_, old_only) = app.get_json("/latest?prefix=old-").await;
     assert_eq!(old_only["readings"][0]["sensor_id"], "old-1");
 
-    // The summary is its own small collection, one document per sensor.
-    let summaries = app
+    // The summary is its own small collection, one document per sensor, written a moment
+    // after the readings.
+    let collection = app
         .mongo()
         .await
-        .collection::<bson::Document>("sensor_readings.sensors")
-        .count_documents(doc! {})
-        .await
-        .unwrap();
-    assert_eq!(summaries, 2);
+        .collection::<bson::Document>("sensor_readings.sensors");
+    app.eventually("both sensors in the summary collection", || async {
+        (collection.count_documents(doc! {}).await.unwrap() == 2).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counted_reading_is_on_sensors_at_once_and_other_instances_see_it_once_written() {
+    let a = TestApp::spawn().await;
+    let b = TestApp::spawn_with(AppOptions {
+        share_store_with: Some((a.database.clone(), a.prefix.clone())),
+        ..AppOptions::default()
+    })
+    .await;
+    let now = sensorhub::domain::Timestamp::now().as_millis() - BASE_MS;
+    for round in 0..5_u64 {
+        let at = now + round as i64 * 10;
+        publish(
+            &a,
+            &[
+                ("fresh-1", "temperature", round as f64, at),
+                ("fresh-2", "humidity", round as f64 + 0.5, at),
+            ],
+        )
+        .await;
+        let counted = 2 * (round + 1);
+        a.eventually("the readings counted", || async {
+            (a.metric("sensorhub_readings_stored_total").await == counted).then_some(())
+        })
+        .await;
+        // No waiting: the instance that stored them shows them, whether or not the summary
+        // was written to MongoDB yet.
+        let (status, body) = a.get_json("/sensors").await;
+        assert_eq!(status, 200, "{body}");
+        let sensors = body["sensors"].as_array().unwrap();
+        let counts: Vec<(&str, u64, f64)> = sensors
+            .iter()
+            .map(|s| {
+                (
+                    s["sensor_id"].as_str().unwrap(),
+                    s["count"].as_u64().unwrap(),
+                    s["last"]["value"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                ("fresh-1", round + 1, round as f64),
+                ("fresh-2", round + 1, round as f64 + 0.5)
+            ],
+            "round {round}"
+        );
+        let (_, latest) = a.get_json("/latest?kind=humidity").await;
+        assert_eq!(latest["readings"][0]["value"], round as f64 + 0.5);
+        let (_, one) = a.get_json("/sensors/fresh-1").await;
+        assert_eq!(one["count"], round + 1);
+    }
+    // Another instance on the same database reads what was written.
+    b.eventually("the other instance sees both sensors", || async {
+        let (_, body) = b.get_json("/sensors").await;
+        let counts: Vec<u64> = body["sensors"]
+            .as_array()?
+            .iter()
+            .filter_map(|s| s["count"].as_u64())
+            .collect();
+        (counts == [5, 5]).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
