@@ -15,6 +15,7 @@
 //! the store got: a cell where it got much less than in the others was starved by other work.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -46,9 +47,15 @@ pub async fn run(
     for (b, i) in order() {
         let (batch, inserters) = (BATCHES[b], INSERTERS[i]);
         let config = configuration(batch, inserters);
-        let database = env.database(&format!("ceiling_{batch}x{inserters}"));
-        let measured = measure(env, &database, batch, inserters, plan.ceiling).await;
-        env.drop_database(&database).await;
+        let scenario = format!("ceiling_{batch}x{inserters}");
+        let measured = fresh(
+            env,
+            &scenario,
+            batch,
+            inserters,
+            Until::Elapsed(plan.ceiling),
+        )
+        .await;
         match measured {
             Ok(cell) => {
                 report.detail(
@@ -67,6 +74,7 @@ pub async fn run(
     }
     let (rate, batch, inserters) = best(&rates).context("no ceiling configuration ran")?;
     findings.ceiling = Some(rate);
+    findings.ceiling_config = Some((batch, inserters));
     let ran = rates.iter().flatten().flatten().count();
     let cells = BATCHES.len() * INSERTERS.len();
     let of = if ran == cells {
@@ -82,7 +90,82 @@ pub async fn run(
         Verdict::Info,
     );
     report.table(sweep_table(&rates, plan.ceiling));
+
+    // The sweep's cells last seconds, in fresh collections; ingest runs for a minute into one
+    // collection, and the store slows as its collection and indexes grow. The best cell again,
+    // for as long as ingest runs, is the reference that ingest is measured against.
+    let sustained = plan.ingest_warmup + plan.ingest_window;
+    let measured = fresh(
+        env,
+        "ceiling_sustained",
+        batch,
+        inserters,
+        Until::Elapsed(sustained),
+    )
+    .await;
+    match measured {
+        Ok(cell) => {
+            report.detail(
+                "ceiling",
+                format!(
+                    "sustained, {} for {:.0} s: {} docs/s ({} documents; CPU: {})",
+                    configuration(batch, inserters),
+                    sustained.as_secs_f64(),
+                    thousands(cell.rate),
+                    thousands(cell.documents as f64),
+                    cell.cpu
+                ),
+            );
+            report.row(
+                format!(
+                    "Store ceiling, sustained: the best cell for {:.0} s",
+                    sustained.as_secs_f64()
+                ),
+                "reference for ingest",
+                format!("{} docs/s", thousands(cell.rate)),
+                format!("{:.2} of the sweep's best", cell.rate / rate),
+                Verdict::Info,
+            );
+            findings.sustained_ceiling = Some(cell.rate);
+        }
+        Err(e) => report.problem("ceiling", format!("sustained run failed: {e:#}")),
+    }
     Ok(())
+}
+
+/// How long a measured insert runs.
+#[derive(Clone, Copy, Debug)]
+pub enum Until {
+    /// Rounds start until this much time has passed.
+    Elapsed(Duration),
+    /// Rounds start until the inserters together inserted at least this many documents.
+    Documents(u64),
+}
+
+/// Inserts `documents` of the fleet's readings into a fresh database with `batch` x
+/// `inserters`: the store's rate for a run of that size. Returns (documents/s, CPU).
+pub async fn run_of(
+    env: &Env,
+    scenario: &str,
+    (batch, inserters): (usize, usize),
+    documents: u64,
+) -> anyhow::Result<(f64, String)> {
+    let cell = fresh(env, scenario, batch, inserters, Until::Documents(documents)).await?;
+    Ok((cell.rate, cell.cpu))
+}
+
+/// `measure` in a database of its own, dropped afterwards.
+async fn fresh(
+    env: &Env,
+    scenario: &str,
+    batch: usize,
+    inserters: usize,
+    until: Until,
+) -> anyhow::Result<Cell> {
+    let database = env.database(scenario);
+    let measured = measure(env, &database, batch, inserters, until).await;
+    env.drop_database(&database).await;
+    measured
 }
 
 /// The cells as (batch index, inserters index), in the order they run: quarter `q` of the
@@ -104,6 +187,8 @@ fn configuration(batch: usize, inserters: usize) -> String {
 struct Cell {
     /// Documents/s.
     rate: f64,
+    /// Documents inserted while measured.
+    documents: u64,
     /// The store's CPU over the cell, % of one core (when its process is known).
     store_cpu: Option<f64>,
     /// Every measured process's CPU, for the details.
@@ -164,13 +249,13 @@ fn sweep_table(rates: &[Vec<Option<Cell>>], duration: Duration) -> Table {
     }
 }
 
-/// Inserts for `duration` with `inserters` concurrent writers.
+/// Inserts with `inserters` concurrent writers, `until` says how much.
 async fn measure(
     env: &Env,
     database: &str,
     batch: usize,
     inserters: usize,
-    duration: Duration,
+    until: Until,
 ) -> anyhow::Result<Cell> {
     let store = Store::connect(StoreConfig {
         uri: env.mongodb_uri.clone(),
@@ -201,14 +286,25 @@ async fn measure(
 
     let cpu = CpuMeter::start(&env.services);
     let started = Instant::now();
-    let deadline = started + duration;
+    // Rounds are claimed one at a time, so a run by volume stops at the first round past it
+    // whichever inserter claims it.
+    let claimed = Arc::new(AtomicU64::new(0));
     let mut tasks = JoinSet::new();
     for lane in 0..inserters {
-        let (store, fleet) = (store.clone(), Arc::clone(&fleet));
+        let (store, fleet, claimed) = (store.clone(), Arc::clone(&fleet), Arc::clone(&claimed));
         tasks.spawn(async move {
             let mut inserted: u64 = 0;
             let mut round = 1;
-            while Instant::now() < deadline {
+            loop {
+                let more = match until {
+                    Until::Elapsed(duration) => started.elapsed() < duration,
+                    Until::Documents(documents) => {
+                        claimed.fetch_add(batch as u64, Ordering::Relaxed) < documents
+                    }
+                };
+                if !more {
+                    break;
+                }
                 inserted += lanes.insert(&store, &fleet, lane, round).await?;
                 round += 1;
             }
@@ -230,6 +326,7 @@ async fn measure(
     );
     Ok(Cell {
         rate: inserted as f64 / elapsed,
+        documents: inserted,
         store_cpu: shares
             .iter()
             .find_map(|(name, share)| (name == STORE).then_some(*share)),
@@ -332,6 +429,7 @@ mod tests {
         let cell = |rate, store_cpu| {
             Some(Cell {
                 rate,
+                documents: 0,
                 store_cpu,
                 cpu: String::new(),
             })
