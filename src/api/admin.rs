@@ -76,9 +76,9 @@ impl Admin {
     /// Deletes the readings of `sensor_id` with `start <= timestamp <= end` (of `kind` only,
     /// when given) from MongoDB, then takes them out of Redis's latest ten (refilled from
     /// MongoDB) and out of the sensor summary of `/sensors`: its counts go down by exactly what
-    /// was deleted, its first and last seen are read again from the readings that remain (the
-    /// summary trails the writer by 0.5 to 10 s, so for a sensor reporting meanwhile they may
-    /// show a deleted or older reading until its next one). A sensor left without readings disappears from `/sensors`. An end before
+    /// was deleted, its first and last seen are read again from the readings that remain (for a
+    /// sensor reporting during the delete they may show a deleted or older reading until its
+    /// next one). A sensor left without readings disappears from `/sensors`. An end before
     /// the start deletes nothing. 404 when the sensor has no readings at all; 503 when MongoDB,
     /// or Redis after the delete, is unreachable: the same request sent again completes it.
     /// Needs an admin key when the server runs with API keys.

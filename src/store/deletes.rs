@@ -6,12 +6,17 @@
 //! however they interleave. First and last seen cannot be moved back by a commuting operator:
 //! they are read again from the readings that remain and set, which the writer's summary of
 //! readings stored just before or during the delete can overtake (the summary then shows a
-//! deleted or an older last value until the sensor's next reading).
+//! deleted or an older last value until the sensor's next reading). What this process has
+//! summarised but not written yet is written before, so only readings stored during the delete
+//! can do that.
 
 use bson::{DateTime, Document, doc};
 
 use super::{ReadingDoc, Store, StoreError};
 use crate::domain::{Kind, Reason, SensorId, Timestamp};
+
+/// How long a delete waits for the summary this process has not written yet.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What a delete removed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -95,6 +100,11 @@ impl Store {
         if deleted.by_kind.is_empty() {
             return Ok(());
         }
+        // What this process summarised and has not written may hold deleted readings: written
+        // first (after any write under way), the times read again below overrule it.
+        self.flush_summaries(FLUSH_TIMEOUT)
+            .await
+            .map_err(|(error, _)| error)?;
         let id = sensor.as_str();
         let Some((first, last)) = self.bounds(id, None).await? else {
             self.summaries.delete_one(doc! {"_id": id}).await?;

@@ -300,6 +300,8 @@ impl SummaryFold {
 pub struct Unwritten {
     pending: Mutex<SummaryFold>,
     writing: Mutex<SummaryFold>,
+    /// Held for a whole flush: one write at a time, and a flush waits for the one under way.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl Unwritten {
@@ -499,10 +501,11 @@ impl Store {
         self.unwritten.pending().add(readings);
     }
 
-    /// Writes what `summarise` gathered since the last flush; reads in this process show it
-    /// meanwhile. What a failed or timed-out write did not apply is kept for the next flush.
+    /// Writes what `summarise` gathered since the last flush, after any flush under way; reads
+    /// in this process show it meanwhile. What a failed or timed-out write did not apply is kept for the next flush.
     /// Returns the sensors written, or the error and the sensors kept.
     pub async fn flush_summaries(&self, timeout: Duration) -> Result<usize, (StoreError, usize)> {
+        let _flushing = self.unwritten.flushing.lock().await;
         let fold = std::mem::take(&mut *self.unwritten.pending());
         if fold.is_empty() {
             return Ok(0);
