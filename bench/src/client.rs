@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 pub struct Response {
     pub status: u16,
     pub body: Vec<u8>,
+    /// `X-Sensorhub-Source`: which store answered a latest-ten read.
+    pub source: Option<String>,
 }
 
 impl Response {
@@ -88,7 +90,7 @@ pub async fn read_response<R: AsyncBufRead + Unpin>(
         .nth(1)
         .and_then(|code| code.parse().ok())
         .with_context(|| format!("not an HTTP status line: {line:?}"))?;
-    let (mut length, mut chunked, mut keep_alive) = (None, false, true);
+    let (mut length, mut chunked, mut keep_alive, mut source) = (None, false, true, None);
     loop {
         line.clear();
         if reader.read_line(&mut line).await? == 0 {
@@ -106,6 +108,7 @@ pub async fn read_response<R: AsyncBufRead + Unpin>(
             "content-length" => length = Some(value.parse::<usize>()?),
             "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
             "connection" => keep_alive = !value.eq_ignore_ascii_case("close"),
+            "x-sensorhub-source" => source = Some(value.to_owned()),
             _ => {}
         }
     }
@@ -133,7 +136,12 @@ pub async fn read_response<R: AsyncBufRead + Unpin>(
         reader.read_to_end(&mut body).await?;
         keep_alive = false;
     }
-    Ok((Response { status, body }, keep_alive))
+    let response = Response {
+        status,
+        body,
+        source,
+    };
+    Ok((response, keep_alive))
 }
 
 /// Whether the broker at `addr` accepts an MQTT 3.1.1 client now (CONNACK with code 0).
@@ -187,11 +195,12 @@ mod tests {
 
     #[tokio::test]
     async fn reads_sized_chunked_and_closing_responses() {
-        let mut sized: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhelloHTTP/1.1 404";
+        let mut sized: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\
+                                  X-Sensorhub-Source: redis\r\n\r\nhelloHTTP/1.1 404";
         let (r, keep) = read_response(&mut sized).await.unwrap();
         assert_eq!(
-            (r.status, r.body.as_slice(), keep),
-            (200, &b"hello"[..], true)
+            (r.status, r.body.as_slice(), keep, r.source.as_deref()),
+            (200, &b"hello"[..], true, Some("redis"))
         );
 
         let mut chunked: &[u8] =

@@ -94,14 +94,32 @@ impl Env {
         database: &str,
         extra: &[String],
     ) -> anyhow::Result<Hub> {
+        // A fresh local log: a leftover one would be replayed into the new database.
+        let _ = std::fs::remove_dir_all(self.work.join(instance));
+        self.relaunch(instance, database, extra)
+    }
+
+    /// Starts `instance` again on what its previous run left: its local log and the record
+    /// of Redis's state beside it, as a restarted service finds them.
+    pub fn relaunch(
+        &self,
+        instance: &str,
+        database: &str,
+        extra: &[String],
+    ) -> anyhow::Result<Hub> {
         let scenario = instance;
         let dir = self.work.join(scenario);
-        // A fresh local log: a leftover one would be replayed into the new database.
-        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let (mqtt, mqtt5, http) = (free_addr()?, free_addr()?, free_addr()?);
         let database = database.to_owned();
-        let log = dir.join("sensorhub.log");
+        // One log per run of the instance: a restart's must not overwrite the first run's.
+        let log = (1..)
+            .map(|run| match run {
+                1 => dir.join("sensorhub.log"),
+                _ => dir.join(format!("sensorhub.{run}.log")),
+            })
+            .find(|path| !path.exists())
+            .context("no free log name")?;
         let log_file = std::fs::File::create(&log)?;
         let mut command = Command::new(&self.sensorhub);
         command

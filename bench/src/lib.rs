@@ -13,7 +13,7 @@
 //!   CONNECT;
 //! - `procfs`: memory and CPU of processes, from `/proc`;
 //! - one module per scenario: `ceiling`, `ingest`, `burst`, `latency`, `http`, `memory`,
-//!   `outage`, `startup`, `scaling`;
+//!   `outage`, `slowdisk`, `restart`, `startup`, `scaling`;
 //! - `report`: the final table.
 //!
 //! It measures and reports; it never changes sensorhub's settings to flatter a number.
@@ -30,7 +30,9 @@ mod memory;
 mod outage;
 mod procfs;
 mod report;
+mod restart;
 mod scaling;
+mod slowdisk;
 mod sparkplug;
 mod startup;
 mod wrk;
@@ -99,6 +101,11 @@ pub enum Scenario {
     Memory,
     /// MongoDB frozen for a minute mid-stream: nothing lost.
     Outage,
+    /// Every fdatasync delayed 300 ms (strace): the API stays fast, nothing acked is lost.
+    Slowdisk,
+    /// Restart on 600,000 readings of 60,000 sensors: Redis serves within 2 s; a flushed
+    /// Redis is rebuilt in steps.
+    Restart,
     /// Spawn to ready.
     Startup,
     /// 1, 2 and 3 instances on one shared subscription of an external broker.
@@ -117,6 +124,8 @@ impl Scenario {
             Self::Http => "http",
             Self::Memory => "memory",
             Self::Outage => "outage",
+            Self::Slowdisk => "slowdisk",
+            Self::Restart => "restart",
             Self::Startup => "startup",
             Self::Scaling => "scaling",
             Self::Sparkplug => "sparkplug",
@@ -304,6 +313,8 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Http,
             Scenario::Memory,
             Scenario::Outage,
+            Scenario::Slowdisk,
+            Scenario::Restart,
             Scenario::Startup,
             Scenario::Scaling,
             Scenario::Sparkplug,
@@ -331,6 +342,8 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Http => http::run(&env, &plan, &mut report).await,
             Scenario::Memory => memory::run(&env, &plan, &findings, &mut report).await,
             Scenario::Outage => outage::run(&env, &plan, &mut report).await,
+            Scenario::Slowdisk => slowdisk::run(&env, &plan, &mut report).await,
+            Scenario::Restart => restart::run(&env, &plan, &mut report).await,
             Scenario::Startup => startup::run(&env, &mut report).await,
             Scenario::Scaling => scaling::run(&env, &plan, &mut report).await,
             Scenario::Sparkplug => sparkplug::run(&env, &plan, &mut report).await,

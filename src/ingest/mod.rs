@@ -680,7 +680,13 @@ pub async fn repair(
                 }
                 known_run_id = Some(probe.run_id.clone());
                 health.set_up(true);
-                if let Err(e) = rebuild_stale(&cache, &store, &health, &metrics).await {
+                // A shutdown does not wait for a rebuild (60,000 sets take minutes): the marker
+                // is set only once every set is rebuilt, so the next start rebuilds them again.
+                let rebuilt = tokio::select! {
+                    rebuilt = rebuild_stale(&cache, &store, &health, &metrics) => rebuilt,
+                    () = stop.cancelled() => return,
+                };
+                if let Err(e) = rebuilt {
                     tracing::warn!(
                         error = crate::error_chain(&*e),
                         "rebuilding Redis latest sets failed; will retry"

@@ -128,3 +128,50 @@ async fn sets_known_stale_at_the_stop_are_not_trusted_after_it() {
     assert_latest_right(&app).await;
     assert!(app.metric("sensorhub_cache_rebuilds_total").await >= SENSORS as u64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_a_rebuild_and_the_next_start_redoes_it() {
+    const MANY: usize = 1500;
+    let mut app = TestApp::spawn().await;
+    let publisher = Publisher::connect(app.mqtt_port, "restart-many").await;
+    for s in 0..MANY {
+        let payload = reading_json(&format!("m{s:04}"), s as f64, &ts(s as i64));
+        publisher.publish(s, "sensors/temperature", payload).await;
+    }
+    publisher.wait_acked(MANY).await;
+    app.wait_for_count(MANY as u64).await;
+    assert!(app.terminate().await);
+    let keys = redis_cli(
+        &app,
+        &["--scan", "--pattern", &format!("{{{}}}:*", app.prefix)],
+    );
+    let mut del = vec!["del"];
+    del.extend(keys.lines().filter(|k| !k.is_empty()));
+    assert!(del.len() > MANY, "{} keys", del.len() - 1);
+    redis_cli(&app, &del);
+
+    // Stopped while it rebuilds 1,500 sets from MongoDB, one step of 1,000 at a time.
+    const DONE: &str = "Redis latest sets rebuilt from MongoDB";
+    let finished_before = app.logs().matches(DONE).count();
+    app.start().await;
+    assert!(app.terminate().await, "SIGTERM did not end in exit 0");
+    assert_eq!(
+        app.logs().matches(DONE).count(),
+        finished_before,
+        "the stop waited for the rebuild to finish:\n{}",
+        app.logs()
+    );
+
+    // The marker is set only by a finished rebuild: the next start does it all again.
+    app.start().await;
+    for s in [0, MANY / 2, MANY - 1] {
+        let path = format!("/latestten/m{s:04}");
+        let body: Value = app
+            .eventually("served from Redis after the rebuild", || {
+                app.get_from_redis(&path)
+            })
+            .await;
+        assert_eq!(body[0]["timestamp"], ts(s as i64), "{path}");
+    }
+    assert!(app.metric("sensorhub_cache_rebuilds_total").await >= MANY as u64);
+}
