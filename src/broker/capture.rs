@@ -633,6 +633,14 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_device_connections_codecs_are_small() {
+        // Every device connection holds its codecs for its whole life, most of it idle, in its
+        // task and its link (the `idle` bench scenario): what few connections use is boxed.
+        let size = std::mem::size_of::<Capture<super::super::conformance::Conformance<V4>>>();
+        assert!(size <= 160, "the codecs of a connection take {size} bytes");
+    }
+
     fn sink() -> (CaptureSink, Arc<Mutex<Vec<Captured>>>) {
         let kept = Arc::new(Mutex::new(Vec::new()));
         let to = Arc::clone(&kept);
