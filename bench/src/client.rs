@@ -163,7 +163,7 @@ pub async fn mqtt_accepts(addr: SocketAddr, client_id: &str) -> anyhow::Result<(
 }
 
 /// CONNECT, MQTT 3.1.1, clean session, keep-alive 60 s.
-fn connect_packet(client_id: &str) -> anyhow::Result<Vec<u8>> {
+pub(super) fn connect_packet(client_id: &str) -> anyhow::Result<Vec<u8>> {
     let id = client_id.as_bytes();
     let id_len = u16::try_from(id.len()).context("client id too long")?;
     // Variable header (10 bytes) and the length-prefixed client id; stays under 128 bytes, so

@@ -13,7 +13,7 @@
 //!   CONNECT;
 //! - `procfs`: memory and CPU of processes, from `/proc`;
 //! - one module per scenario: `ceiling`, `ingest`, `burst`, `latency`, `http`, `memory`,
-//!   `outage`, `slowdisk`, `restart`, `startup`, `scaling`;
+//!   `outage`, `slowdisk`, `restart`, `startup`, `scaling`, `sparkplug`, `idle`;
 //! - `report`: the final table.
 //!
 //! It measures and reports; it never changes sensorhub's settings to flatter a number.
@@ -23,6 +23,7 @@ mod ceiling;
 mod client;
 mod env;
 mod http;
+mod idle;
 mod ingest;
 mod latency;
 mod load;
@@ -83,6 +84,9 @@ mod targets {
     pub const STARTUP: Duration = Duration::from_secs(1);
     /// sensorhub processes started to measure start-up.
     pub const STARTUP_RUNS: usize = 5;
+    /// Idle MQTT 3.1.1 connections held, and what each may cost in RSS, in bytes (issue 13).
+    pub const IDLE_CONNECTIONS: usize = 10_000;
+    pub const IDLE_BYTES: f64 = 5_000.0;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
@@ -112,6 +116,8 @@ pub enum Scenario {
     Scaling,
     /// Sparkplug B DDATA of 20 metrics against JSON readings, values stored/s.
     Sparkplug,
+    /// RSS per idle MQTT connection (10,000 held), beside Mosquitto.
+    Idle,
 }
 
 impl Scenario {
@@ -129,6 +135,7 @@ impl Scenario {
             Self::Startup => "startup",
             Self::Scaling => "scaling",
             Self::Sparkplug => "sparkplug",
+            Self::Idle => "idle",
         }
     }
 }
@@ -318,6 +325,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Startup,
             Scenario::Scaling,
             Scenario::Sparkplug,
+            Scenario::Idle,
         ]
     } else {
         options.only.clone()
@@ -347,6 +355,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Startup => startup::run(&env, &mut report).await,
             Scenario::Scaling => scaling::run(&env, &plan, &mut report).await,
             Scenario::Sparkplug => sparkplug::run(&env, &plan, &mut report).await,
+            Scenario::Idle => idle::run(&env, &mut report).await,
         };
         if let Err(e) = outcome {
             failed += 1;

@@ -33,15 +33,15 @@ const INSTANCES: [usize; 3] = [1, 2, 3];
 
 /// Debian's Mosquitto on a free port: no persistence (nothing restarts here), no cap on the
 /// queue of a subscriber (its default of 1,000 drops acknowledged readings), 100 messages in
-/// flight to each instance.
-struct Mosquitto {
-    child: Child,
-    pid: u32,
-    port: u16,
+/// flight to each instance. The idle scenario uses it too.
+pub(super) struct Mosquitto {
+    pub(super) child: Child,
+    pub(super) pid: u32,
+    pub(super) port: u16,
 }
 
 impl Mosquitto {
-    async fn start(work: &Path) -> anyhow::Result<Self> {
+    pub(super) async fn start(work: &Path) -> anyhow::Result<Self> {
         let port = free_addr()?.port();
         let conf = work.join("mosquitto-scaling.conf");
         std::fs::write(

@@ -120,16 +120,40 @@ impl HandoffKey {
 struct Session {
     /// The handoff preamble was read (or none is expected).
     introduced: bool,
-    /// The common name the TLS front end vouched for.
-    certificate: Option<String>,
     /// Set by an accepted CONNECT.
     access: Option<Access>,
     /// Set by a refused CONNECT: the code its CONNACK carries; the connection then ends.
     refused: Option<ConnectReturnCode>,
+    /// What most connections never need, created on first use: an idle connection holds a
+    /// pointer instead of its maps (the `idle` scenario of BENCHMARKS.md measures it).
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of a connection's state that only some connections use.
+#[derive(Debug, Default)]
+struct Rare {
+    /// The common name the TLS front end vouched for.
+    certificate: Option<String>,
     /// Packet ids of refused QoS 1/2 PUBLISHes, whose PUBACK/PUBREC must say so (MQTT 5).
     refused_publishes: HashSet<u16>,
     /// SUBSCRIBE packet id -> positions of the filters refused (removed before the router).
     refused_filters: HashMap<u16, Vec<usize>>,
+    /// MQTT 5 topic aliases of this connection. The codec resolves them itself and hands the
+    /// router full topics, so a refused PUBLISH that sets an alias cannot bend it.
+    aliases: HashMap<u16, Bytes>,
+}
+
+impl Session {
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_default()
+    }
+
+    /// Whether `pkid` was a refused PUBLISH (and forgets it).
+    fn refused_publish(&mut self, pkid: u16) -> bool {
+        self.rare
+            .as_mut()
+            .is_some_and(|rare| rare.refused_publishes.remove(&pkid))
+    }
 }
 
 pub struct Capture<P> {
@@ -141,9 +165,6 @@ pub struct Capture<P> {
     /// Decoded and not yet in the log. `Protocol::write` takes `&self`, hence the lock; a codec
     /// belongs to one connection task, so it is never contended.
     staged: Mutex<Vec<Captured>>,
-    /// MQTT 5 topic aliases of this connection. The codec resolves them itself and hands the
-    /// router full topics, so a refused PUBLISH that sets an alias cannot bend it.
-    aliases: HashMap<u16, Bytes>,
     session: Mutex<Session>,
 }
 
@@ -189,7 +210,6 @@ impl<P> Capture<P> {
             max_payload_bytes,
             admission,
             staged: Mutex::new(Vec::new()),
-            aliases: HashMap::new(),
             session: Mutex::new(session),
         }
     }
@@ -237,7 +257,9 @@ impl<P> Capture<P> {
         let name =
             std::str::from_utf8(&preamble[head..]).map_err(|_| protocol::Error::InvalidProtocol)?;
         let mut session = self.session();
-        session.certificate = (!name.is_empty()).then(|| name.to_owned());
+        if !name.is_empty() {
+            session.rare().certificate = Some(name.to_owned());
+        }
         session.introduced = true;
         Ok(())
     }
@@ -258,7 +280,11 @@ impl<P> Capture<P> {
             self.metrics.keep_alive_zero.fetch_add(1, Ordering::Relaxed);
         }
         let gatekeeper = &self.admission.gatekeeper;
-        let certificate = self.session().certificate.clone();
+        let certificate = self
+            .session()
+            .rare
+            .as_ref()
+            .and_then(|rare| rare.certificate.clone());
         let credentials = login
             .as_ref()
             .map(|l| (l.username.as_str(), l.password.as_str()));
@@ -318,13 +344,15 @@ impl<P> Capture<P> {
         if let Some(props) = properties.as_mut()
             && let Some(alias) = props.topic_alias
         {
+            let mut session = self.session();
             if publish.topic.is_empty() {
-                if let Some(topic) = self.aliases.get(&alias) {
+                let known = session.rare.as_ref().and_then(|r| r.aliases.get(&alias));
+                if let Some(topic) = known {
                     publish.topic = topic.clone();
                     props.topic_alias = None;
                 }
             } else {
-                self.aliases.insert(alias, publish.topic.clone());
+                session.rare().aliases.insert(alias, publish.topic.clone());
                 props.topic_alias = None;
             }
         }
@@ -374,7 +402,7 @@ impl<P> Capture<P> {
                 .mqtt_publishes_refused
                 .fetch_add(1, Ordering::Relaxed);
             if let Some(id) = packet_id {
-                self.session().refused_publishes.insert(id);
+                self.session().rare().refused_publishes.insert(id);
             }
             publish.topic = Bytes::from_static(REFUSED_TOPIC.as_bytes());
             publish.retain = false;
@@ -407,6 +435,7 @@ impl<P> Capture<P> {
                 .mqtt_subscriptions_refused
                 .fetch_add(refused.len() as u64, Ordering::Relaxed);
             self.session()
+                .rare()
                 .refused_filters
                 .insert(subscribe.pkid, refused);
         }
@@ -424,19 +453,23 @@ impl<P> Capture<P> {
                 Packet::ConnAck(ack, props)
             }
             Packet::PubAck(mut ack, props) => {
-                if session.refused_publishes.remove(&ack.pkid) && v5 {
+                if session.refused_publish(ack.pkid) && v5 {
                     ack.reason = PubAckReason::NotAuthorized;
                 }
                 Packet::PubAck(ack, props)
             }
             Packet::PubRec(mut rec, props) => {
-                if session.refused_publishes.remove(&rec.pkid) && v5 {
+                if session.refused_publish(rec.pkid) && v5 {
                     rec.reason = PubRecReason::NotAuthorized;
                 }
                 Packet::PubRec(rec, props)
             }
             Packet::SubAck(mut ack, props) => {
-                if let Some(refused) = session.refused_filters.remove(&ack.pkid) {
+                let refused = session
+                    .rare
+                    .as_mut()
+                    .and_then(|rare| rare.refused_filters.remove(&ack.pkid));
+                if let Some(refused) = refused {
                     let code = if v5 {
                         SubscribeReasonCode::NotAuthorized
                     } else {
@@ -599,6 +632,14 @@ mod tests {
     use rumqttd::protocol::v4::V4;
 
     use super::*;
+
+    #[test]
+    fn a_device_connections_codecs_are_small() {
+        // Every device connection holds its codecs for its whole life, most of it idle, in its
+        // task and its link (the `idle` bench scenario): what few connections use is boxed.
+        let size = std::mem::size_of::<Capture<super::super::conformance::Conformance<V4>>>();
+        assert!(size <= 160, "the codecs of a connection take {size} bytes");
+    }
 
     fn sink() -> (CaptureSink, Arc<Mutex<Vec<Captured>>>) {
         let kept = Arc::new(Mutex::new(Vec::new()));
@@ -985,7 +1026,8 @@ mod tests {
             codec.read_mut(&mut stream, 1 << 20),
             Ok(Packet::Connect(..))
         ));
-        assert_eq!(codec.session().certificate.as_deref(), Some("device-1"));
+        let certificate = codec.session().rare().certificate.clone();
+        assert_eq!(certificate.as_deref(), Some("device-1"));
 
         let mut codec = Capture::new(V4, sink, Arc::default(), 1024, admission);
         let mut stream = BytesMut::from(&HandoffKey([8; 32]).preamble(Some("device-1"))[..]);

@@ -41,11 +41,27 @@ pub struct Conformance<P> {
     inner: P,
     version: Mqtt,
     connected: bool,
-    /// The client's Maximum Packet Size (MQTT 5), in bytes of the whole packet.
-    max_packet_size: Option<usize>,
+    /// Only for a client that declared a Maximum Packet Size (MQTT 5): boxed, so every other
+    /// connection holds a pointer instead of the queues and maps.
+    limited: Option<Box<Limited>>,
+}
+
+/// A client's Maximum Packet Size and what keeping it takes.
+#[derive(Debug)]
+struct Limited {
+    /// In bytes of the whole packet.
+    max: usize,
     /// Write-side state. `Protocol::write` takes `&self`; a codec belongs to one connection
     /// task, so the lock is never contended.
     outbound: Mutex<Outbound>,
+}
+
+impl Limited {
+    fn outbound(&self) -> MutexGuard<'_, Outbound> {
+        self.outbound
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -96,7 +112,7 @@ impl<P: std::fmt::Debug> std::fmt::Debug for Conformance<P> {
         f.debug_struct("Conformance")
             .field("inner", &self.inner)
             .field("version", &self.version)
-            .field("max_packet_size", &self.max_packet_size)
+            .field("max_packet_size", &self.limited.as_ref().map(|l| l.max))
             .finish_non_exhaustive()
     }
 }
@@ -124,15 +140,8 @@ impl<P> Conformance<P> {
             inner,
             version,
             connected: false,
-            max_packet_size: None,
-            outbound: Mutex::new(Outbound::default()),
+            limited: None,
         }
-    }
-
-    fn outbound(&self) -> MutexGuard<'_, Outbound> {
-        self.outbound
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -144,7 +153,9 @@ impl<P: Protocol> Protocol for Conformance<P> {
     ) -> Result<Packet, protocol::Error> {
         // Made-up acknowledgements go first: they answer messages written before anything
         // the client sends now.
-        if let Some(ack) = self.outbound().acks.pop_front() {
+        if let Some(limited) = &self.limited
+            && let Some(ack) = limited.outbound().acks.pop_front()
+        {
             return Ok(ack);
         }
         match self.inner.read_mut(stream, max_size)? {
@@ -161,15 +172,24 @@ impl<P: Protocol> Protocol for Conformance<P> {
                     if connect.client_id.is_empty() {
                         connect.clean_session = true;
                     }
-                    self.max_packet_size = props
+                    self.limited = props
                         .as_ref()
                         .and_then(|p| p.max_packet_size)
-                        .and_then(|size| usize::try_from(size).ok());
+                        .and_then(|size| usize::try_from(size).ok())
+                        .map(|max| {
+                            Box::new(Limited {
+                                max,
+                                outbound: Mutex::default(),
+                            })
+                        });
                 }
                 Ok(Packet::Connect(connect, props, will, will_props, login))
             }
-            packet if self.max_packet_size.is_some() => {
-                let mut outbound = self.outbound();
+            packet => {
+                let Some(limited) = &self.limited else {
+                    return Ok(packet);
+                };
+                let mut outbound = limited.outbound();
                 match &packet {
                     Packet::PubAck(ack, _) => {
                         Outbound::acknowledged(&mut outbound.inflight, ack.pkid);
@@ -185,17 +205,17 @@ impl<P: Protocol> Protocol for Conformance<P> {
                 outbound.release();
                 Ok(packet)
             }
-            packet => Ok(packet),
         }
     }
 
     fn write(&self, packet: Packet, out: &mut BytesMut) -> Result<usize, protocol::Error> {
-        let Some(max) = self.max_packet_size else {
+        let Some(limited) = self.limited.as_deref() else {
             return self.inner.write(packet, out);
         };
+        let max = limited.max;
         match packet {
             Packet::Publish(mut publish, properties) => {
-                let mut outbound = self.outbound();
+                let mut outbound = limited.outbound();
                 let alias = properties.as_ref().and_then(|p| p.topic_alias);
                 if let Some(alias) = alias {
                     if publish.topic.is_empty() {
@@ -256,7 +276,7 @@ impl<P: Protocol> Protocol for Conformance<P> {
                 Ok(0)
             }
             Packet::PubRel(pubrel, properties) => {
-                let mut outbound = self.outbound();
+                let mut outbound = limited.outbound();
                 if outbound.dropped_qos2.remove(&pubrel.pkid) {
                     let made_up = Packet::PubComp(
                         PubComp {

@@ -140,7 +140,11 @@ impl<P: Protocol> RemoteLink<P> {
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
         loop {
-            select! {
+            // The select only says which way to go; the steps that wait go after it, boxed.
+            // This future is held for the whole life of the connection, mostly waiting here:
+            // a step awaited inside the select would keep the select's output (a whole
+            // `Packet`) and the step's own state in it all that time.
+            let step = select! {
                 o = self.network.read() => {
                     let packet = o?;
                     let len = {
@@ -151,14 +155,18 @@ impl<P: Protocol> RemoteLink<P> {
                     };
 
                     trace!("Packets read from network, count = {}", len);
-                    // Boxed, like the write below: this future is held for the whole life
-                    // of the connection, and these steps' states only while they run
-                    Box::pin(self.link_tx.notify()).await?;
+                    Step::Notify
                 }
                 // Receive from router when previous when state isn't in collision
                 // due to previously received data request
                 o = self.link_rx.exchange(&mut self.notifications) => {
                     o?;
+                    Step::Write
+                }
+            };
+            match step {
+                Step::Notify => Box::pin(self.link_tx.notify()).await?,
+                Step::Write => {
                     let mut packets = VecDeque::new();
                     let mut unscheduled = false;
 
@@ -168,7 +176,6 @@ impl<P: Protocol> RemoteLink<P> {
                         } else {
                             unscheduled = true;
                         }
-
                     }
                     // Handed back to the router at the next exchange: empty, it holds no
                     // memory while the connection is quiet
@@ -181,6 +188,14 @@ impl<P: Protocol> RemoteLink<P> {
             }
         }
     }
+}
+
+/// Where the link's loop goes after its select.
+enum Step {
+    /// Packets were read: tell the router.
+    Notify,
+    /// The router handed over notifications: write them.
+    Write,
 }
 
 /// Read MQTT connect packet from network and verify it.

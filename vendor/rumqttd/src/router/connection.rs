@@ -33,8 +33,9 @@ pub struct Connection {
     pub events: ConnectionEvents,
     /// Topic aliases set by clients
     pub(crate) topic_aliases: HashMap<u16, Topic>,
-    /// Topic aliases used by broker
-    pub(crate) broker_topic_aliases: Option<BrokerAliases>,
+    /// Topic aliases used by broker (boxed: only clients that allow them have any, and every
+    /// connection's entry in the router's slab is as large as this struct)
+    pub(crate) broker_topic_aliases: Option<Box<BrokerAliases>>,
     /// subscription IDs for a connection
     pub(crate) subscription_ids: HashMap<Filter, usize>,
 }
@@ -77,7 +78,7 @@ impl Connection {
     pub fn topic_alias_max(&mut self, max: u16) -> &mut Connection {
         // if topic_alias_max is 0, that means client doesn't want to use / support topic alias
         if max > 0 {
-            self.broker_topic_aliases = Some(BrokerAliases::new(max));
+            self.broker_topic_aliases = Some(Box::new(BrokerAliases::new(max)));
         }
         self
     }

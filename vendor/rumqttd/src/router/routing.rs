@@ -353,7 +353,11 @@ impl Router {
             Err(e) => format!("Time error = {e:?}"),
         };
 
-        let event = "connection at ".to_owned() + &time + ", clean = " + &clean_session.to_string();
+        let mut event =
+            "connection at ".to_owned() + &time + ", clean = " + &clean_session.to_string();
+        // Kept for the whole connection: no spare capacity in the string nor in a new queue
+        event.shrink_to_fit();
+        connection.events.events.reserve_exact(1);
         connection.events.events.push_back(event);
 
         if connection.events.events.len() > 10 {

@@ -118,7 +118,8 @@ pub enum PauseReason {
 
 impl Tracker {
     pub fn new(client_id: String) -> Tracker {
-        let requests = VecDeque::with_capacity(2);
+        // Grown on the first subscription: most connections of a device fleet never subscribe
+        let requests = VecDeque::new();
         Tracker {
             id: client_id,
             data_requests: requests,

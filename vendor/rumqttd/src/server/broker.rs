@@ -489,92 +489,50 @@ impl Callback for WSCallback {
 /// waiting for mqtt connect packet. Also this honours connection wait time as per config to prevent
 /// denial of service attacks (rogue clients which only establish network connections without
 /// sending a mqtt connection packet to make the server reach its concurrent connection limit).
-async fn remote<P: Protocol>(
+fn remote<P: Protocol>(
     config: Arc<ConnectionSettings>,
     tenant_id: Option<String>,
     router_tx: Sender<(ConnectionId, Event)>,
     stream: Box<dyn N>,
     protocol: P,
     will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
-) {
-    // This task lives as long as the connection, mostly idle, and its future is as large as
-    // the largest state of all the steps below: each step's state goes on the heap (boxed)
-    // and is freed when the step ends, so an idle connection holds only the link's.
-    let mut network = Box::new(Network::new(
+) -> impl std::future::Future<Output = ()> {
+    // Not an async fn: the future of one keeps its arguments (the stream and the codec) for
+    // its whole life, beside whatever they were moved into. Built here, the network is one
+    // pointer in the connection's future.
+    let network = Box::new(Network::new(
         stream,
         config.max_payload_size,
         config.max_inflight_count,
         protocol,
     ));
+    connection(config, tenant_id, router_tx, network, will_handlers)
+}
 
-    let dynamic_filters = config.dynamic_filters;
-
-    let connect_packet = match Box::pin(mqtt_connect(config, &mut network)).await {
-        Ok(p) => p,
-        Err(e) => {
-            error!(error=?e, "Error while handling MQTT connect packet");
-            return;
-        }
-    };
-
-    let (mut client_id, clean_session) = match &connect_packet {
-        Packet::Connect(ref connect, _, _, _, _) => {
-            (connect.client_id.clone(), connect.clean_session)
-        }
-        _ => unreachable!(),
-    };
-
-    let mut assigned_client_id = None;
-    if client_id.is_empty() {
-        let uuid = Uuid::new_v4().simple();
-        client_id = format!("rumqtt-{uuid}");
-        assigned_client_id = Some(client_id.clone());
-    }
-
-    if let Some(tenant_id) = &tenant_id {
-        // client_id is set to "tenant_id.client_id"
-        // this is to make sure we are consistent,
-        // as Connection uses this format of client_id
-        client_id = format!("{tenant_id}.{client_id}");
-    }
-
-    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
-        let awaiting_will = if clean_session {
-            AwaitingWill::Fire
-        } else {
-            AwaitingWill::Cancel
-        };
-        sender.try_send(awaiting_will).unwrap();
-    }
-
-    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
-    will_handlers
-        .lock()
-        .unwrap()
-        .insert(client_id.clone(), will_tx);
-
-    // Out of its box, which is freed here rather than when this function returns
-    let network = {
-        let boxed = network;
-        *boxed
-    };
-
-    // Start the link
-    let mut link = match Box::pin(RemoteLink::new(
-        router_tx.clone(),
-        tenant_id.clone(),
+async fn connection<P: Protocol>(
+    config: Arc<ConnectionSettings>,
+    tenant_id: Option<String>,
+    router_tx: Sender<(ConnectionId, Event)>,
+    network: Box<Network<P>>,
+    will_handlers: Arc<Mutex<HashMap<String, Sender<AwaitingWill>>>>,
+) {
+    // This task lives as long as the connection, mostly idle, and its future is as large as
+    // the largest state of all its steps: each step's state goes on the heap (boxed) and is
+    // freed when the step ends, so an idle connection holds only what the link's end needs.
+    let Some(Accepted {
+        mut link,
+        client_id,
+        will_rx,
+    }) = Box::pin(accept(
+        config,
+        &tenant_id,
+        &router_tx,
         network,
-        connect_packet,
-        dynamic_filters,
-        assigned_client_id,
+        &will_handlers,
     ))
     .await
-    {
-        Ok(l) => Box::new(l),
-        Err(e) => {
-            error!(error=?e, "Remote link error");
-            return;
-        }
+    else {
+        return;
     };
 
     let connection_id = link.connection_id;
@@ -643,4 +601,95 @@ async fn remote<P: Protocol>(
         // but might affect logs?
         router_tx.send((connection_id, message)).ok();
     }
+}
+
+/// What a connection accepted by the router runs on.
+struct Accepted<P> {
+    link: Box<RemoteLink<P>>,
+    client_id: String,
+    will_rx: flume::Receiver<AwaitingWill>,
+}
+
+/// From the CONNECT to a link registered with the router (`None`: the connection ends).
+async fn accept<P: Protocol>(
+    config: Arc<ConnectionSettings>,
+    tenant_id: &Option<String>,
+    router_tx: &Sender<(ConnectionId, Event)>,
+    mut network: Box<Network<P>>,
+    will_handlers: &Mutex<HashMap<String, Sender<AwaitingWill>>>,
+) -> Option<Accepted<P>> {
+    let dynamic_filters = config.dynamic_filters;
+
+    let connect_packet = match Box::pin(mqtt_connect(config, &mut network)).await {
+        Ok(p) => p,
+        Err(e) => {
+            error!(error=?e, "Error while handling MQTT connect packet");
+            return None;
+        }
+    };
+
+    let (mut client_id, clean_session) = match &connect_packet {
+        Packet::Connect(ref connect, _, _, _, _) => {
+            (connect.client_id.clone(), connect.clean_session)
+        }
+        _ => unreachable!(),
+    };
+
+    let mut assigned_client_id = None;
+    if client_id.is_empty() {
+        let uuid = Uuid::new_v4().simple();
+        client_id = format!("rumqtt-{uuid}");
+        assigned_client_id = Some(client_id.clone());
+    }
+
+    if let Some(tenant_id) = tenant_id {
+        // client_id is set to "tenant_id.client_id"
+        // this is to make sure we are consistent,
+        // as Connection uses this format of client_id
+        client_id = format!("{tenant_id}.{client_id}");
+    }
+
+    if let Some(sender) = will_handlers.lock().unwrap().remove(&client_id) {
+        let awaiting_will = if clean_session {
+            AwaitingWill::Fire
+        } else {
+            AwaitingWill::Cancel
+        };
+        sender.try_send(awaiting_will).unwrap();
+    }
+
+    let (will_tx, will_rx) = flume::bounded::<AwaitingWill>(1);
+    will_handlers
+        .lock()
+        .unwrap()
+        .insert(client_id.clone(), will_tx);
+
+    // Out of its box, which is freed here rather than when this function returns
+    let network = {
+        let boxed = network;
+        *boxed
+    };
+
+    // Start the link
+    let link = match Box::pin(RemoteLink::new(
+        router_tx.clone(),
+        tenant_id.clone(),
+        network,
+        connect_packet,
+        dynamic_filters,
+        assigned_client_id,
+    ))
+    .await
+    {
+        Ok(l) => Box::new(l),
+        Err(e) => {
+            error!(error=?e, "Remote link error");
+            return None;
+        }
+    };
+    Some(Accepted {
+        link,
+        client_id,
+        will_rx,
+    })
 }
