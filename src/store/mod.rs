@@ -9,6 +9,7 @@
 mod deletes;
 mod history;
 mod retention;
+mod roster;
 mod sparkplug;
 mod summaries;
 mod writes;
@@ -203,6 +204,8 @@ pub struct Store {
     config: StoreConfig,
     /// The time ranges this process wrote readings into, for readers that cache.
     writes: Arc<WriteLog>,
+    /// The summary's sensor ids, for paging `sensors` (`roster.rs`).
+    roster: Arc<roster::Roster>,
 }
 
 impl Store {
@@ -258,6 +261,7 @@ impl Store {
             client,
             config,
             writes: Arc::default(),
+            roster: Arc::default(),
         };
         store.ping().await?;
         Ok(store)
