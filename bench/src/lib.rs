@@ -13,7 +13,7 @@
 //!   CONNECT;
 //! - `procfs`: memory and CPU of processes, from `/proc`;
 //! - one module per scenario: `ceiling`, `ingest`, `latency`, `http`, `memory`,
-//!   `outage`, `startup`, `scaling`;
+//!   `outage`, `startup`, `scaling`, `sparkplug`, `queries`;
 //! - `report`: the final table.
 //!
 //! It measures and reports; it never changes sensorhub's settings to flatter a number.
@@ -28,6 +28,7 @@ mod load;
 mod memory;
 mod outage;
 mod procfs;
+mod queries;
 mod report;
 mod scaling;
 mod sparkplug;
@@ -102,6 +103,8 @@ pub enum Scenario {
     Scaling,
     /// Sparkplug B DDATA of 20 metrics against JSON readings, values stored/s.
     Sparkplug,
+    /// Aggregate and export against MongoDB's own rate, /sensors and /latest p99 (issue 9).
+    Queries,
 }
 
 impl Scenario {
@@ -116,6 +119,7 @@ impl Scenario {
             Self::Startup => "startup",
             Self::Scaling => "scaling",
             Self::Sparkplug => "sparkplug",
+            Self::Queries => "queries",
         }
     }
 }
@@ -298,6 +302,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Startup,
             Scenario::Scaling,
             Scenario::Sparkplug,
+            Scenario::Queries,
         ]
     } else {
         options.only.clone()
@@ -324,6 +329,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Startup => startup::run(&env, &mut report).await,
             Scenario::Scaling => scaling::run(&env, &plan, &mut report).await,
             Scenario::Sparkplug => sparkplug::run(&env, &plan, &mut report).await,
+            Scenario::Queries => queries::run(&env, &plan, &mut report).await,
         };
         if let Err(e) = outcome {
             failed += 1;
