@@ -8,7 +8,9 @@
 //! call, so a value is as fresh as the summary. The ids come from two places: this process's
 //! summary writes (added before the write is sent, so a sensor is listed as soon as its summary
 //! exists) and a reload of every summary id that runs every `sensor_list_refresh_secs`, which
-//! adds the sensors and kinds other instances created and drops deleted ones. It is a superset
+//! adds the sensors and kinds other instances created and drops deleted ones. A reload reads the
+//! summary in `_id` ranges of about 2,000 sensors cut at the ids it already lists, with a short
+//! pause between them, so requests are never queued behind one scan of the whole summary. It is a superset
 //! filter: an id whose document is gone, or lost the kind asked for, is skipped by the read.
 
 use std::collections::BTreeMap;
@@ -129,6 +131,18 @@ impl Roster {
         self.write().added = None;
     }
 
+    /// Ids that cut the listed ones into runs of `every`: a reload reads the summary one range
+    /// between two of them at a time, so it never holds the server for a whole scan.
+    pub fn boundaries(&self, every: usize) -> Vec<String> {
+        self.read()
+            .ids
+            .keys()
+            .skip(every)
+            .step_by(every.max(1))
+            .map(|id| id.to_string())
+            .collect()
+    }
+
     /// Up to `n` ids in ascending order, after `after`, starting with `prefix`, that may have
     /// reported `kind`; `None` until the first reload completed.
     pub fn page(
@@ -212,6 +226,16 @@ mod tests {
         assert_eq!(page(Some("b-"), Some("b-10"), 10), ["b-2"]);
         assert!(page(Some("b-"), Some("b-2"), 10).is_empty());
         assert!(page(Some("a-"), Some("b"), 10).is_empty());
+    }
+
+    #[test]
+    fn boundaries_cut_runs_of_the_given_length() {
+        let ids: Vec<String> = (0..7).map(|i| format!("s{i}")).collect();
+        let sensors: Vec<(&str, &[&str])> = ids.iter().map(|id| (id.as_str(), &[][..])).collect();
+        let roster = loaded(&sensors);
+        assert_eq!(roster.boundaries(3), ["s3", "s6"]);
+        assert_eq!(roster.boundaries(7), Vec::<String>::new());
+        assert!(Roster::default().boundaries(3).is_empty());
     }
 
     #[test]

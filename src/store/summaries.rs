@@ -266,6 +266,10 @@ impl SummaryFold {
 /// Statements per update command: far below the server's 100,000 and 16 MB.
 const STATEMENTS_PER_COMMAND: usize = 1000;
 
+/// Sensors a roster reload reads per range, and its pause between two ranges.
+const ROSTER_RANGE: usize = 2000;
+const ROSTER_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 fn date(t: Timestamp) -> DateTime {
     DateTime::from_millis(t.as_millis())
 }
@@ -355,6 +359,7 @@ impl Store {
         let limit = query.limit as usize;
         let mut found = Vec::with_capacity(limit);
         let mut after = query.after.clone();
+        let mut first = true;
         while found.len() < limit {
             let want = limit - found.len();
             let Some(ids) = self.roster.page(
@@ -366,9 +371,13 @@ impl Store {
                 return Ok(None);
             };
             let exhausted = ids.len() < want;
-            let Some(last) = ids.last().cloned() else {
+            // Nothing to read, unless this is the first read: an empty answer must still mean
+            // MongoDB answered (a page served while it is down would hide the outage).
+            if ids.is_empty() && !first {
                 break;
-            };
+            }
+            first = false;
+            let last = ids.last().cloned();
             let mut filter = doc! {"_id": {"$in": &ids}};
             if let Some(kind) = &query.kind {
                 let field = format!("kinds.{}", escape_field(kind));
@@ -388,7 +397,7 @@ impl Store {
             if exhausted {
                 break;
             }
-            after = Some(last);
+            after = last;
         }
         Ok(Some(found))
     }
@@ -449,14 +458,44 @@ impl Store {
     }
 
     async fn read_roster(&self) -> Result<Reloaded, StoreError> {
+        let cuts = self.roster.boundaries(ROSTER_RANGE);
+        let mut reloaded = Reloaded::default();
+        // Every range, from below the first cut to above the last: together, every string id.
+        let lows = std::iter::once(None).chain(cuts.iter().map(Some));
+        let highs = cuts.iter().map(Some).chain(std::iter::once(None));
+        for (n, (low, high)) in lows.zip(highs).enumerate() {
+            if n > 0 {
+                tokio::time::sleep(ROSTER_PAUSE).await;
+            }
+            let mut range = Document::new();
+            if let Some(low) = low {
+                range.insert("$gte", low.as_str());
+            }
+            if let Some(high) = high {
+                range.insert("$lt", high.as_str());
+            }
+            let filter = if range.is_empty() {
+                doc! {}
+            } else {
+                doc! {"_id": range}
+            };
+            self.read_roster_range(filter, &mut reloaded).await?;
+        }
+        Ok(reloaded)
+    }
+
+    async fn read_roster_range(
+        &self,
+        filter: Document,
+        reloaded: &mut Reloaded,
+    ) -> Result<(), StoreError> {
         // Raw documents: only the id and the kinds' names are read, nothing is decoded.
         let mut cursor = self
             .summaries
             .clone_with_type::<RawDocumentBuf>()
-            .find(doc! {})
+            .find(filter)
             .batch_size(10_000)
             .await?;
-        let mut reloaded = Reloaded::default();
         while let Some(doc) = cursor.try_next().await? {
             let Ok(id) = doc.get_str("_id") else {
                 continue;
@@ -473,7 +512,7 @@ impl Store {
                 .unwrap_or_default();
             reloaded.push(id, kinds);
         }
-        Ok(reloaded)
+        Ok(())
     }
 
     /// One sensor's summary; `None` when it never reported.
