@@ -235,6 +235,13 @@ impl Application {
             }
         });
         services.spawn(keep_checkpointing(journal.clone(), intake.clone()));
+        if settings.sensor_list_refresh_secs > 0 {
+            services.spawn(keep_sensor_list(
+                store.clone(),
+                Duration::from_secs(settings.sensor_list_refresh_secs),
+                intake.clone(),
+            ));
+        }
         services.spawn(stop_when_the_log_fails(journal.clone(), intake.clone()));
 
         let sink: CaptureSink = {
@@ -711,6 +718,50 @@ async fn keep_checkpointing(journal: Journal, stop: CancellationToken) -> anyhow
         let journal = journal.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || journal.checkpoint()).await {
             tracing::error!(error = %e, "cannot write the local log checkpoint; retrying");
+        }
+    }
+}
+
+/// Reloads the sensor ids `/sensors` and `/latest` page through (`store::roster`) every
+/// `every`, the first time at once; until that first load completes, pages are sorted scans.
+async fn keep_sensor_list(
+    store: Store,
+    every: Duration,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut failures: u32 = 0;
+    let mut loaded = false;
+    loop {
+        let began = Instant::now();
+        let reloaded = tokio::select! {
+            reloaded = store.reload_roster() => reloaded,
+            () = stop.cancelled() => return Ok(()),
+        };
+        match reloaded {
+            Ok(sensors) => {
+                failures = 0;
+                if !loaded {
+                    loaded = true;
+                    tracing::info!(
+                        sensors,
+                        millis = began.elapsed().as_millis() as u64,
+                        "sensor list loaded"
+                    );
+                }
+            }
+            Err(e) => {
+                if failures.is_multiple_of(10) {
+                    tracing::warn!(
+                        error = crate::error_chain(&e),
+                        "cannot reload the sensor list; trying again"
+                    );
+                }
+                failures += 1;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return Ok(()),
         }
     }
 }

@@ -129,6 +129,11 @@ pub struct Settings {
     pub reading_retention_days: u64,
     /// Seconds without a reading after which `/sensors` calls a sensor stale.
     pub sensor_stale_secs: u64,
+    /// Seconds between two reloads of the sensor ids `/sensors` and `/latest` page through:
+    /// how long a sensor (or a sensor's new kind) that another instance sharing the database
+    /// created may be missing from them. Sensors this process writes are listed at once; the
+    /// values are always read fresh. 0: no list in memory, every page is a sorted scan.
+    pub sensor_list_refresh_secs: u64,
     /// Seconds an HTTP write may make no progress before the connection is closed: cuts off
     /// clients that stop reading (a `/stream` subscriber gone silent, a slowloris reader).
     pub http_write_timeout_secs: u64,
@@ -207,6 +212,7 @@ impl Default for Settings {
             tls_client_ca: None,
             reading_retention_days: 0,
             sensor_stale_secs: 300,
+            sensor_list_refresh_secs: 10,
             http_write_timeout_secs: 30,
             http_header_timeout_secs: 10,
             ready_timeout_ms: 1000,
@@ -419,6 +425,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SENSORHUB_SENSOR_STALE_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sensor_stale_secs: Option<u64>,
+    /// Seconds between reloads of the sensor list that /sensors pages through (0: none)
+    /// [default: 10]
+    #[arg(long, env = "SENSORHUB_SENSOR_LIST_REFRESH_SECS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sensor_list_refresh_secs: Option<u64>,
     /// Seconds an HTTP write may stall before the client is cut off [default: 30]
     #[arg(long, env = "SENSORHUB_HTTP_WRITE_TIMEOUT_SECS")]
     #[serde(skip_serializing_if = "Option::is_none")]

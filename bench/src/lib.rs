@@ -13,7 +13,7 @@
 //!   CONNECT;
 //! - `procfs`: memory and CPU of processes, from `/proc`;
 //! - one module per scenario: `ceiling`, `ingest`, `burst`, `latency`, `http`, `memory`,
-//!   `outage`, `slowdisk`, `restart`, `startup`, `scaling`, `sparkplug`, `idle`;
+//!   `outage`, `slowdisk`, `restart`, `startup`, `scaling`, `sparkplug`, `idle`, `queries`;
 //! - `report`: the final table.
 //!
 //! It measures and reports; it never changes sensorhub's settings to flatter a number.
@@ -30,6 +30,7 @@ mod load;
 mod memory;
 mod outage;
 mod procfs;
+mod queries;
 mod report;
 mod restart;
 mod scaling;
@@ -118,6 +119,8 @@ pub enum Scenario {
     Sparkplug,
     /// RSS per idle MQTT connection (10,000 held), beside Mosquitto.
     Idle,
+    /// Aggregate and export against MongoDB's own rate, /sensors and /latest p99 (issue 9).
+    Queries,
 }
 
 impl Scenario {
@@ -136,6 +139,7 @@ impl Scenario {
             Self::Scaling => "scaling",
             Self::Sparkplug => "sparkplug",
             Self::Idle => "idle",
+            Self::Queries => "queries",
         }
     }
 }
@@ -326,6 +330,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Scaling,
             Scenario::Sparkplug,
             Scenario::Idle,
+            Scenario::Queries,
         ]
     } else {
         options.only.clone()
@@ -356,6 +361,7 @@ pub async fn run(options: Options) -> anyhow::Result<(Report, usize)> {
             Scenario::Scaling => scaling::run(&env, &plan, &mut report).await,
             Scenario::Sparkplug => sparkplug::run(&env, &plan, &mut report).await,
             Scenario::Idle => idle::run(&env, &mut report).await,
+            Scenario::Queries => queries::run(&env, &plan, &mut report).await,
         };
         if let Err(e) = outcome {
             failed += 1;

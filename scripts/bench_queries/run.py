@@ -1,6 +1,9 @@
-"""The measurements of scripts/bench-queries (see there). Prints one line per measurement."""
+"""The measurements of scripts/bench-queries (see there), also run by the `queries` scenario of
+the bench crate (bench/src/queries.rs). Prints one line per measurement; with --json, a last line
+holding every measurement as one JSON object, for the scenario to judge."""
 import argparse
 import datetime as dt
+import json
 import os
 import socket
 import statistics
@@ -99,7 +102,8 @@ def bench_aggregate(args, url, col):
     http = rate(lambda: session.get(path).json(), args.seconds)
     print(f"aggregate  {n} readings -> {buckets} 1-minute buckets: /readings/aggregate "
           f"{http:.2f}/s, pipeline straight to MongoDB {direct:.2f}/s, ratio {http / direct:.2f} "
-          f"(goal >= 0.8)")
+          f"(goal >= 0.8)", flush=True)
+    return {"readings": n, "buckets": buckets, "http_per_s": http, "direct_per_s": direct}
 
 
 def bench_export(args, url, col, pid):
@@ -128,7 +132,11 @@ def bench_export(args, url, col, pid):
     peak = max(peak, rss_kib(pid))
     print(f"export     {lines - 1} rows: /readings/export {http:,.0f} rows/s, raw cursor read "
           f"{direct:,.0f} rows/s, ratio {http / direct:.2f} (goal >= 0.8); RSS {before // 1024} -> "
-          f"peak {peak // 1024} MiB, growth {(peak - before) / 1024:.1f} MiB (goal < 50)")
+          f"peak {peak // 1024} MiB, growth {(peak - before) / 1024:.1f} MiB (goal < 50)",
+          flush=True)
+    return {"rows": lines - 1, "expected_rows": rows, "http_rows_per_s": http,
+            "direct_rows_per_s": direct, "rss_before_bytes": before * 1024,
+            "rss_peak_bytes": peak * 1024}
 
 
 def bench_sensors(args, url, db):
@@ -142,7 +150,21 @@ def bench_sensors(args, url, db):
                                                "last": {"t": t, "v": float(i)}}}})
     insert(summaries, docs)
     session = requests.Session()
-    for path in ["/sensors", "/latest", "/sensors?limit=100", "/latest?prefix=sensor-0421"]:
+    # Summaries written straight into MongoDB, as another instance would: sensorhub lists them
+    # within its sensor_list_refresh_secs (10 s by default). Measured once all are listed.
+    last = f"sensor-{n - 1:06d}"
+    deadline = time.monotonic() + 120
+    while [s["sensor_id"] for s in session.get(
+            f"{url}/sensors?prefix={last}").json()["sensors"]] != [last]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{last} not on /sensors after 120 s")
+        time.sleep(0.2)
+    full = session.get(url + "/sensors").json()
+    if len(full["sensors"]) != 1000 or not full["has_more"]:
+        raise SystemExit(f"/sensors answered {len(full['sensors'])} sensors, not a full page")
+    measured = []
+    for path in ["/sensors", "/latest", "/sensors?limit=100", "/sensors?kind=temperature",
+                 "/latest?prefix=sensor-0421"]:
         session.get(url + path).raise_for_status()
         times = []
         for _ in range(50 if args.quick else 200):
@@ -153,7 +175,12 @@ def bench_sensors(args, url, db):
         times.sort()
         p99 = times[int(len(times) * 0.99) - 1]
         print(f"latency    {path} with {n} sensors: p50 {statistics.median(times):.1f} ms, "
-              f"p99 {p99:.1f} ms (goal < 50), {len(r.content) // 1024} KiB per answer")
+              f"p99 {p99:.1f} ms (goal < 50), {len(r.content) // 1024} KiB per answer",
+              flush=True)
+        measured.append({"path": path, "sensors": n, "requests": len(times),
+                         "p50_ms": statistics.median(times), "p99_ms": p99,
+                         "bytes": len(r.content)})
+    return measured
 
 
 def bench_summary_cost(args, db):
@@ -180,34 +207,52 @@ def bench_summary_cost(args, db):
         update_s += time.perf_counter() - began
     print(f"summary    batch of {sensors * per} readings over {sensors} sensors: insert_many "
           f"{insert_s / runs * 1000:.0f} ms, summary update {update_s / runs * 1000:.0f} ms "
-          f"(+{update_s / insert_s * 100:.0f}% MongoDB time per batch)")
+          f"(+{update_s / insert_s * 100:.0f}% MongoDB time per batch)", flush=True)
+    return {"readings": sensors * per, "sensors": sensors, "insert_ms": insert_s / runs * 1000,
+            "update_ms": update_s / runs * 1000}
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--binary", required=True)
+    parser.add_argument("--binary", help="the sensorhub to start (unless --url)")
+    parser.add_argument("--url", help="a running sensorhub, with --pid and --database")
+    parser.add_argument("--pid", type=int, help="its process id, for its RSS")
+    parser.add_argument("--database", help="its MongoDB database, empty")
     parser.add_argument("--mongodb", required=True)
-    parser.add_argument("--redis", required=True)
-    parser.add_argument("--state", required=True)
+    parser.add_argument("--redis", help="Redis, for the sensorhub started here")
+    parser.add_argument("--state", help="scratch directory of the sensorhub started here")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args()
     if args.quick:
         args.seconds = 3.0
-    name = f"bench_queries_{os.getpid()}"
+    if not args.url and not (args.binary and args.redis and args.state):
+        parser.error("give either --url, --pid and --database, or --binary, --redis and --state")
+    name = args.database or f"bench_queries_{os.getpid()}"
     client = pymongo.MongoClient(args.mongodb)
     db = client[name]
-    proc, url = start(args, name)
+    proc = None
+    if args.url:
+        url, pid = args.url, args.pid
+    else:
+        proc, url = start(args, name)
+        pid = proc.pid
     try:
         col = db["sensor_readings"]
-        bench_aggregate(args, url, col)
-        bench_export(args, url, col, proc.pid)
-        bench_sensors(args, url, db)
-        bench_summary_cost(args, db)
+        measured = {
+            "aggregate": bench_aggregate(args, url, col),
+            "export": bench_export(args, url, col, pid),
+            "latency": bench_sensors(args, url, db),
+            "summary": bench_summary_cost(args, db),
+        }
+        if args.json:
+            print(json.dumps(measured), flush=True)
     finally:
-        proc.terminate()
-        proc.wait()
-        client.drop_database(name)
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+            client.drop_database(name)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 mod deletes;
 mod history;
 mod retention;
+mod roster;
 mod sparkplug;
 mod summaries;
 mod writes;
@@ -205,6 +206,8 @@ pub struct Store {
     writes: Arc<WriteLog>,
     /// The sensor summary's part this process has not written yet, added to its reads.
     unwritten: Arc<summaries::Unwritten>,
+    /// The summary's sensor ids, for paging `sensors` (`roster.rs`).
+    roster: Arc<roster::Roster>,
 }
 
 impl Store {
@@ -261,6 +264,7 @@ impl Store {
             config,
             writes: Arc::default(),
             unwritten: Arc::default(),
+            roster: Arc::default(),
         };
         store.ping().await?;
         Ok(store)

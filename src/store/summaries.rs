@@ -13,10 +13,11 @@ use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bson::{Bson, DateTime, Document, doc};
+use bson::{Bson, DateTime, Document, RawDocumentBuf, doc};
 use futures_util::TryStreamExt;
 use serde::Deserialize;
 
+use super::roster::{Reloaded, Roster};
 use super::{Store, StoreError};
 use crate::domain::{Kind, Reading, SensorId, Timestamp};
 
@@ -431,6 +432,10 @@ impl SummaryFold {
 /// Statements per update command: far below the server's 100,000 and 16 MB.
 const STATEMENTS_PER_COMMAND: usize = 1000;
 
+/// Sensors a roster reload reads per range, and its pause between two ranges.
+const ROSTER_RANGE: usize = 2000;
+const ROSTER_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+
 fn date(t: Timestamp) -> DateTime {
     DateTime::from_millis(t.as_millis())
 }
@@ -460,14 +465,21 @@ impl Store {
                 );
                 fold.only(&ids)
             };
-            let reply = match db
+            let sent = db
                 .run_command(doc! {
                     "update": &collection,
                     "updates": updates,
                     "ordered": false,
                 })
-                .await
-            {
+                .await;
+            // Listed after the write, whatever its outcome (a listed sensor without a summary
+            // is skipped by the read): a roster reload that began before it then keeps it, and
+            // one that begins after it finds its summary.
+            for (id, _) in chunk {
+                let kinds = fold.sensors.get(id).into_iter().flat_map(HashMap::keys);
+                self.roster.add(id.as_str(), kinds.map(Kind::as_str));
+            }
+            let reply = match sent {
                 Ok(reply) => reply,
                 // Whether any of it applied is unknown: trying this chunk again may count it
                 // twice, dropping it may count it never; again is the lesser error for a count.
@@ -550,7 +562,72 @@ impl Store {
         Ok(page)
     }
 
+    /// The page as MongoDB holds it. Its ids come from the roster once it is loaded (see
+    /// `roster.rs`).
     async fn stored_sensors(&self, query: &SummaryQuery) -> Result<Vec<SensorSummary>, StoreError> {
+        match self.sensors_by_roster(query).await? {
+            Some(found) => Ok(found),
+            None => self.sensors_by_scan(query).await,
+        }
+    }
+
+    /// A page read as the documents of the ids the roster lists; `None` while it is not loaded.
+    /// Ids whose document is gone (or lost the kind) are skipped, and the next ones read.
+    async fn sensors_by_roster(
+        &self,
+        query: &SummaryQuery,
+    ) -> Result<Option<Vec<SensorSummary>>, StoreError> {
+        let limit = query.limit as usize;
+        let mut found = Vec::with_capacity(limit);
+        let mut after = query.after.clone();
+        let mut first = true;
+        while found.len() < limit {
+            let want = limit - found.len();
+            let Some(ids) = self.roster.page(
+                query.prefix.as_deref(),
+                query.kind.as_deref(),
+                after.as_deref(),
+                want,
+            ) else {
+                return Ok(None);
+            };
+            let exhausted = ids.len() < want;
+            // Nothing to read, unless this is the first read: an empty answer must still mean
+            // MongoDB answered (a page served while it is down would hide the outage).
+            if ids.is_empty() && !first {
+                break;
+            }
+            first = false;
+            let last = ids.last().cloned();
+            let mut filter = doc! {"_id": {"$in": &ids}};
+            if let Some(kind) = &query.kind {
+                let field = format!("kinds.{}", escape_field(kind));
+                filter.insert(field, doc! {"$exists": true});
+            }
+            let batch = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+            let mut docs: Vec<SummaryDoc> = self
+                .summaries
+                .find(filter)
+                .batch_size(batch)
+                .await?
+                .try_collect()
+                .await?;
+            // The same order as the scan's `sort: {_id: 1}` (binary string order).
+            docs.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+            found.extend(docs.into_iter().filter_map(SummaryDoc::into_summary));
+            if exhausted {
+                break;
+            }
+            after = last;
+        }
+        Ok(Some(found))
+    }
+
+    /// A page read by a sorted scan of the summary.
+    async fn sensors_by_scan(
+        &self,
+        query: &SummaryQuery,
+    ) -> Result<Vec<SensorSummary>, StoreError> {
         let mut id = Document::new();
         if let Some(prefix) = &query.prefix {
             id.insert("$regex", format!("^{}", regex_escape(prefix)));
@@ -579,6 +656,84 @@ impl Store {
             .into_iter()
             .filter_map(SummaryDoc::into_summary)
             .collect())
+    }
+
+    /// Reads every summary id and its kinds into the roster (`roster.rs`): one scan of the
+    /// summary, never of the readings. Returns the sensors listed.
+    /// Dropping the future before it completes leaves the roster as it was.
+    pub async fn reload_roster(&self) -> Result<usize, StoreError> {
+        /// Abandons the reload unless it was finished (an error, or the future dropped).
+        struct Reloading<'a>(&'a Roster);
+        impl Drop for Reloading<'_> {
+            fn drop(&mut self) {
+                self.0.abandon_reload();
+            }
+        }
+        self.roster.begin_reload();
+        let reloading = Reloading(&self.roster);
+        let reloaded = self.read_roster().await?;
+        let n = reloaded.len();
+        self.roster.finish_reload(reloaded);
+        drop(reloading);
+        Ok(n)
+    }
+
+    async fn read_roster(&self) -> Result<Reloaded, StoreError> {
+        let cuts = self.roster.boundaries(ROSTER_RANGE);
+        let mut reloaded = Reloaded::default();
+        // Every range, from below the first cut to above the last: together, every string id.
+        let lows = std::iter::once(None).chain(cuts.iter().map(Some));
+        let highs = cuts.iter().map(Some).chain(std::iter::once(None));
+        for (n, (low, high)) in lows.zip(highs).enumerate() {
+            if n > 0 {
+                tokio::time::sleep(ROSTER_PAUSE).await;
+            }
+            let mut range = Document::new();
+            if let Some(low) = low {
+                range.insert("$gte", low.as_str());
+            }
+            if let Some(high) = high {
+                range.insert("$lt", high.as_str());
+            }
+            let filter = if range.is_empty() {
+                doc! {}
+            } else {
+                doc! {"_id": range}
+            };
+            self.read_roster_range(filter, &mut reloaded).await?;
+        }
+        Ok(reloaded)
+    }
+
+    async fn read_roster_range(
+        &self,
+        filter: Document,
+        reloaded: &mut Reloaded,
+    ) -> Result<(), StoreError> {
+        // Raw documents: only the id and the kinds' names are read, nothing is decoded.
+        let mut cursor = self
+            .summaries
+            .clone_with_type::<RawDocumentBuf>()
+            .find(filter)
+            .batch_size(10_000)
+            .await?;
+        while let Some(doc) = cursor.try_next().await? {
+            let Ok(id) = doc.get_str("_id") else {
+                continue;
+            };
+            let kinds = doc
+                .get_document("kinds")
+                .map(|kinds| {
+                    kinds
+                        .into_iter()
+                        .filter_map(Result::ok)
+                        .map(|(field, _)| unescape_field(field))
+                        .collect()
+                })
+                .unwrap_or_default();
+            reloaded.push(id, kinds);
+        }
+        Ok(())
     }
 
     /// One sensor's summary; `None` when it never reported.

@@ -231,6 +231,106 @@ async fn a_counted_reading_is_on_sensors_at_once_and_other_instances_see_it_once
     .await;
 }
 
+/// The sensor ids of a `/sensors` answer.
+fn sensor_ids(body: &Value) -> Vec<String> {
+    body["sensors"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no sensors in {body}"))
+        .iter()
+        .map(|s| s["sensor_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The summary's last value of `sensor`'s `kind`, straight from MongoDB.
+async fn summarised_value(app: &TestApp, sensor: &str, kind: &str) -> Option<f64> {
+    let summary = app
+        .mongo()
+        .await
+        .collection::<bson::Document>("sensor_readings.sensors")
+        .find_one(doc! {"_id": sensor})
+        .await
+        .unwrap()?;
+    let last = summary
+        .get_document("kinds")
+        .ok()?
+        .get_document(kind)
+        .ok()?
+        .get_document("last")
+        .ok()?;
+    last.get_f64("v").ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sensors_of_another_instance_are_listed_after_a_reload_and_values_never_lag() {
+    // `mine` pages from its in-memory sensor list, reloaded every second; `other` shares its
+    // database and writes sensors `mine` never wrote.
+    let mine = TestApp::spawn_with(AppOptions {
+        args: vec!["--sensor-list-refresh-secs".into(), "1".into()],
+        ..AppOptions::default()
+    })
+    .await;
+    let other = TestApp::spawn_with(AppOptions {
+        share_store_with: Some((mine.database.clone(), mine.prefix.clone())),
+        ..AppOptions::default()
+    })
+    .await;
+    publish(&mine, &[("a-1", "temperature", 1.0, 0)]).await;
+    publish(
+        &other,
+        &[
+            ("b-1", "temperature", 2.0, 0),
+            ("c-1", "temperature", 3.0, 0),
+        ],
+    )
+    .await;
+    let listed = mine
+        .eventually("the other instance's sensors listed", || async {
+            let (status, body) = mine.get_json("/sensors").await;
+            assert_eq!(status, 200, "{body}");
+            (sensor_ids(&body) == ["a-1", "b-1", "c-1"]).then_some(body)
+        })
+        .await;
+    assert_eq!(listed["has_more"], false);
+
+    // A new value of a listed sensor, written by the other instance, shows as soon as its
+    // summary holds it: the list holds ids, the values are read on every call.
+    publish(&other, &[("b-1", "temperature", 20.0, 1000)]).await;
+    other
+        .eventually("the new value summarised", || async {
+            (summarised_value(&other, "b-1", "temperature").await == Some(20.0)).then_some(())
+        })
+        .await;
+    let (_, latest) = mine.get_json("/latest?prefix=b-").await;
+    assert_eq!(latest["readings"][0]["value"], 20.0, "{latest}");
+    // A new kind of that sensor: listed under its kind after a reload.
+    publish(&other, &[("b-1", "humidity", 50.0, 1000)]).await;
+    mine.eventually("the new kind listed", || async {
+        let (_, body) = mine.get_json("/sensors?kind=humidity").await;
+        (sensor_ids(&body) == ["b-1"]).then_some(())
+    })
+    .await;
+
+    // A deleted sensor is skipped at once, and the page is filled from the ids after it.
+    let response = mine
+        .http
+        .delete(mine.url(&format!(
+            "/sensors/b-1/readings?start={}&end={}",
+            q(0),
+            q(1000)
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let (_, page) = mine.get_json("/sensors?limit=2").await;
+    assert_eq!(sensor_ids(&page), ["a-1", "c-1"], "{page}");
+    assert_eq!(page["has_more"], false, "{page}");
+    let (_, page) = mine.get_json("/sensors?limit=1&cursor=a-1").await;
+    assert_eq!(sensor_ids(&page), ["c-1"], "{page}");
+    let (_, latest) = mine.get_json("/latest?kind=humidity").await;
+    assert_eq!(latest["readings"], json!([]), "{latest}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readings_page_every_reading_exactly_once_while_new_ones_arrive() {
     let app = TestApp::spawn().await;
