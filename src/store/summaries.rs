@@ -184,17 +184,26 @@ impl SummaryFold {
     /// (the first stored wins).
     pub fn add<'a>(&mut self, readings: impl IntoIterator<Item = &'a Reading>) {
         for r in readings {
-            let fold = self
-                .sensors
-                .entry(r.sensor_id().clone())
-                .or_default()
-                .entry(r.kind().clone())
-                .or_insert(Fold {
+            // Looked up before inserting: the writer calls this for every stored reading, and
+            // a sensor and kind already folded need no copy of their names.
+            if !self.sensors.contains_key(r.sensor_id()) {
+                self.sensors.insert(r.sensor_id().clone(), HashMap::new());
+            }
+            let Some(kinds) = self.sensors.get_mut(r.sensor_id()) else {
+                continue;
+            };
+            if !kinds.contains_key(r.kind()) {
+                let first = Fold {
                     first: r.timestamp(),
                     last: r.timestamp(),
                     last_value: r.value(),
                     count: 0,
-                });
+                };
+                kinds.insert(r.kind().clone(), first);
+            }
+            let Some(fold) = kinds.get_mut(r.kind()) else {
+                continue;
+            };
             fold.first = fold.first.min(r.timestamp());
             if r.timestamp() > fold.last {
                 fold.last = r.timestamp();
@@ -335,7 +344,7 @@ impl Unwritten {
         let below = (page.len() >= query.limit as usize)
             .then(|| page.last().map(|s| s.sensor_id.clone()))
             .flatten();
-        let known: HashSet<SensorId> = page.iter().map(|s| s.sensor_id.clone()).collect();
+        let known: HashSet<&SensorId> = page.iter().map(|s| &s.sensor_id).collect();
         let mut unread = Vec::new();
         let mut added = BTreeMap::new();
         for fold in [&*pending, &*writing] {
