@@ -5,7 +5,7 @@
 //!
 //! The server is faster with more writes in flight, up to a point, and batch size matters too,
 //! so one configuration would understate it: the ceiling is the best cell of a sweep over 1, 2,
-//! 4 and 8 concurrent inserters and batches of 250 to 2,000 readings, each cell for a few
+//! 4 and 8 concurrent inserters and batches of 500 to 16,000 readings, each cell for a few
 //! seconds in a fresh database. The whole grid goes in the report: it is also what tells
 //! sensorhub's writer how many batches to keep in flight and how large to make them.
 //!
@@ -33,7 +33,7 @@ use super::{Findings, Plan};
 /// The name under which the store's process is measured (see `Options::mongo_pid`).
 const STORE: &str = "secantusd-rs";
 /// Readings per `insert_many`, the rows of the sweep.
-const BATCHES: [usize; 4] = [250, 500, 1000, 2000];
+const BATCHES: [usize; 4] = [500, 2000, 8000, 16000];
 /// Concurrent inserters (each one write in flight), the columns of the sweep.
 const INSERTERS: [usize; 4] = [1, 2, 4, 8];
 

@@ -330,13 +330,9 @@ fn run_id_of(info: &str) -> String {
         .to_owned()
 }
 
-/// The cluster group of a sensor: FNV-1a of its id, stable across processes and versions (the
-/// std hasher is seeded per process).
+/// The cluster group of a sensor, stable across processes and versions.
 fn group_of(id: &SensorId) -> u32 {
-    let hash = id.as_str().bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    hash % CLUSTER_GROUPS
+    id.stable_hash() % CLUSTER_GROUPS
 }
 
 /// Adds members to sorted sets and trims each to the newest `ARGV[1]`.

@@ -22,6 +22,14 @@ impl SensorId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// FNV-1a (32 bits) of the id: the same on every run, machine and version (the std hasher
+    /// is seeded per process). What spreads sensors over Redis Cluster groups and writer lanes.
+    pub fn stable_hash(&self) -> u32 {
+        (self.0.bytes()).fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        })
+    }
 }
 
 /// Ids order as their text does, so maps keyed by id can be searched by text.

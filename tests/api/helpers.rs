@@ -522,7 +522,6 @@ impl TestApp {
         (status, body)
     }
 
-    /// The value of one Prometheus counter or gauge (labels included in `name`).
     /// The JSON body of `path` if Redis answered it (`X-Sensorhub-Source: redis`), else `None`.
     pub async fn get_from_redis(&self, path: &str) -> Option<Value> {
         let response = self.get(path).await;
@@ -534,6 +533,7 @@ impl TestApp {
         redis.then_some(body)
     }
 
+    /// The value of one Prometheus counter or gauge (labels included in `name`).
     pub async fn metric(&self, name: &str) -> u64 {
         let text = self.get("/metrics").await.text().await.expect("metrics");
         text.lines()

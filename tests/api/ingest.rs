@@ -103,6 +103,74 @@ async fn a_redelivered_reading_is_stored_once_and_counted_as_duplicate() {
     assert_eq!(app.metric("sensorhub_readings_stored_total").await, 1);
 }
 
+/// The writer stores a batch in the order of the sensor index, split between lanes by sensor,
+/// and MongoDB reports duplicates by position in what it was sent: the positions must come back
+/// to the readings they belong to, or a new reading is taken for a redelivery and never
+/// reaches Redis (and a redelivery reaches it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliveries_among_new_readings_are_told_apart_whatever_order_the_store_writes() {
+    let app = TestApp::spawn().await;
+    let publisher = Publisher::connect(app.mqtt_port, "mixed").await;
+    let stored_first = ["sort-m", "sort-s"];
+    for (id, sensor) in stored_first.iter().enumerate() {
+        let payload = reading_json(sensor, 1.0, &ts(1_000));
+        publisher.publish(id, "sensors/temperature", payload).await;
+    }
+    publisher.wait_acked(stored_first.len()).await;
+    app.eventually("the first readings stored", || async {
+        (app.metric("sensorhub_readings_stored_total").await == 2).then_some(())
+    })
+    .await;
+    // Arrival order is neither the sensors' order nor the lanes': new, old, new, old, new.
+    let second = [
+        ("sort-z", 1_000, 2.0),
+        ("sort-s", 1_000, 1.0),
+        ("sort-a", 1_000, 3.0),
+        ("sort-m", 1_000, 1.0),
+        ("sort-b", 1_000, 4.0),
+        ("sort-s", 2_000, 5.0),
+    ];
+    for (i, (sensor, at, value)) in second.iter().enumerate() {
+        let payload = reading_json(sensor, *value, &ts(*at));
+        publisher
+            .publish(10 + i, "sensors/temperature", payload)
+            .await;
+    }
+    publisher
+        .wait_acked(stored_first.len() + second.len())
+        .await;
+    app.eventually("the second readings settled", || async {
+        let settled = app.metric("sensorhub_readings_stored_total").await
+            + app.metric("sensorhub_readings_duplicate_total").await;
+        (settled == 8).then_some(())
+    })
+    .await;
+    assert_eq!(app.metric("sensorhub_readings_duplicate_total").await, 2);
+    assert_eq!(app.metric("sensorhub_readings_stored_total").await, 6);
+    assert_eq!(app.count_readings().await, 6);
+    // Each sensor's set in Redis holds its readings once: the new ones reached it, the
+    // redeliveries were not added again.
+    for (sensor, values) in [
+        ("sort-z", vec![2.0]),
+        ("sort-a", vec![3.0]),
+        ("sort-b", vec![4.0]),
+        ("sort-m", vec![1.0]),
+        ("sort-s", vec![5.0, 1.0]),
+    ] {
+        let path = format!("/latestten/{sensor}");
+        let got = app
+            .eventually(&format!("{sensor}'s readings in Redis"), || async {
+                let body = app.get_from_redis(&path).await?;
+                let got: Vec<f64> = (body.as_array()?.iter())
+                    .filter_map(|r| r["value"].as_f64())
+                    .collect();
+                (got.len() == values.len()).then_some(got)
+            })
+            .await;
+        assert_eq!(got, values, "{sensor}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_qos1_readings_from_four_clients_are_all_stored_once() {
     let app = TestApp::spawn().await;
