@@ -438,11 +438,11 @@ mod tests {
         rates[2][1] = cell(41_467.0, Some(124.0));
         rates[0][2] = cell(9_000.0, None);
         rates[3][3] = None;
-        assert_eq!(best(&rates), Some((41_467.0, 1000, 2)));
+        assert_eq!(best(&rates), Some((41_467.0, BATCHES[2], 2)));
         let table = sweep_table(&rates, Duration::from_secs(5));
         assert_eq!(table.header.len(), INSERTERS.len() + 1);
         assert_eq!(table.rows.len(), BATCHES.len());
-        assert_eq!(table.rows[2][0], "1000");
+        assert_eq!(table.rows[2][0], BATCHES[2].to_string());
         assert_eq!(table.rows[2][2], "41,467 (124%) best");
         assert_eq!(table.rows[0][1], "10,000 (100%)");
         assert_eq!(table.rows[0][3], "9,000");
