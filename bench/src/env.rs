@@ -229,6 +229,14 @@ pub struct HubMetrics {
     pub journal_pending_bytes: u64,
 }
 
+impl HubMetrics {
+    /// Whether every one of `acked` readings was settled in MongoDB (stored, or found already
+    /// stored) and nothing is left in the local log.
+    pub fn settled(&self, acked: u64) -> bool {
+        self.stored + self.duplicates >= acked && self.journal_pending_bytes == 0
+    }
+}
+
 /// What sensorhub's log said, and how it stopped.
 #[derive(Debug, Default)]
 pub struct HubLog {

@@ -89,8 +89,7 @@ pub async fn run(env: &Env, plan: &Plan, report: &mut Report) -> anyhow::Result<
         Duration::from_millis(200),
         || async move {
             let m = fetch_metrics(&mut hub_ref.http_client()).await.ok()?;
-            (m.stored + m.duplicates >= acked && m.journal_pending_bytes == 0)
-                .then(|| thawed.elapsed())
+            m.settled(acked).then(|| thawed.elapsed())
         },
     )
     .await;

@@ -240,7 +240,7 @@ async fn build_history(
         Duration::from_millis(500),
         || async {
             let m = fetch_metrics(&mut hub.http_client()).await.ok()?;
-            (m.stored + m.duplicates >= totals.acked && m.journal_pending_bytes == 0).then_some(())
+            m.settled(totals.acked).then_some(())
         },
     )
     .await?;

@@ -216,7 +216,7 @@ async fn measure(env: &Env, plan: &Plan, hub: &Hub, rate: f64) -> anyhow::Result
         Duration::from_millis(200),
         || async {
             let m = fetch_metrics(&mut hub.http_client()).await.ok()?;
-            (m.stored + m.duplicates >= acked && m.journal_pending_bytes == 0).then_some(())
+            m.settled(acked).then_some(())
         },
     )
     .await?;

@@ -557,12 +557,12 @@ async fn collect_readings(cursor: mongodb::Cursor<ReadingDoc>) -> Result<Vec<Rea
         .collect())
 }
 
-/// The positions of the duplicates when an unordered insert failed only on duplicate keys.
 /// A reading's place in the `sensor_id_timestamp_kind` index.
 fn index_order(r: &Reading) -> (&str, Timestamp, &str) {
     (r.sensor_id().as_str(), r.timestamp(), r.kind().as_str())
 }
 
+/// The positions of the duplicates when an unordered insert failed only on duplicate keys.
 fn only_duplicates(e: &MongoError) -> Option<Vec<usize>> {
     let ErrorKind::InsertMany(failure) = e.kind.as_ref() else {
         return None;
