@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -312,7 +313,16 @@ pub struct Unwritten {
     writing: Mutex<SummaryFold>,
     /// Held for a whole flush: one write at a time, and a flush waits for the one under way.
     flushing: tokio::sync::Mutex<()>,
+    /// Flushes ended, whatever their outcome, counted as `writing` empties (under its lock). A
+    /// read that finds the same count before it asks MongoDB and after its overlay missed no
+    /// write: a flush that ended in between took what it wrote out of the fold after the read
+    /// was answered without it.
+    flushes: AtomicU64,
 }
+
+/// Reads of the summary made again when a flush ended between MongoDB's answer and the overlay
+/// (flushes are at least half a second apart, a read takes milliseconds).
+const READ_ATTEMPTS: u32 = 4;
 
 impl Unwritten {
     fn pending(&self) -> MutexGuard<'_, SummaryFold> {
@@ -321,6 +331,57 @@ impl Unwritten {
 
     fn writing(&self) -> MutexGuard<'_, SummaryFold> {
         self.writing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn flushes(&self) -> u64 {
+        self.flushes.load(Ordering::Acquire)
+    }
+
+    /// Both parts, locked in the one order every caller uses (`pending` first).
+    fn both(&self) -> (MutexGuard<'_, SummaryFold>, MutexGuard<'_, SummaryFold>) {
+        let pending = self.pending();
+        (pending, self.writing())
+    }
+
+    /// `overlay(read())`, read again while a flush ended between MongoDB's answer and the
+    /// overlay (at most `READ_ATTEMPTS` reads): that flush took what it wrote out of the fold
+    /// after the read was answered without it.
+    async fn consistent<R, T, F: Future<Output = Result<R, StoreError>>>(
+        &self,
+        mut read: impl FnMut() -> F,
+        mut overlay: impl FnMut(R) -> T,
+    ) -> Result<T, StoreError> {
+        let mut attempt = 1;
+        loop {
+            let flushes = self.flushes();
+            let answer = read().await?;
+            let overlaid = overlay(answer);
+            if self.flushes() == flushes || attempt == READ_ATTEMPTS {
+                return Ok(overlaid);
+            }
+            attempt += 1;
+        }
+    }
+
+    /// Moves what is pending to `writing` for a flush, under both locks so that a read never
+    /// finds it in neither; `None` when nothing is pending.
+    fn begin_flush(&self) -> Option<SummaryFold> {
+        let (mut pending, mut writing) = self.both();
+        let fold = std::mem::take(&mut *pending);
+        if fold.is_empty() {
+            return None;
+        }
+        *writing = fold.clone();
+        Some(fold)
+    }
+
+    /// Ends a flush: what it did not apply goes back into pending as `writing` empties, and
+    /// the flush is counted for the reads under way (`flushes`).
+    fn end_flush(&self, unapplied: SummaryFold) {
+        let (mut pending, mut writing) = self.both();
+        pending.merge(unapplied);
+        *writing = SummaryFold::default();
+        self.flushes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Adds the unwritten part to a page read from MongoDB for `query`, and the sensors only
@@ -332,7 +393,7 @@ impl Unwritten {
     /// are added; what is being written may or may not be in the read, so its counts are added
     /// only to sensors the read did not return.
     fn overlay(&self, page: &mut Vec<SensorSummary>, query: &SummaryQuery) -> Vec<SensorId> {
-        let (pending, writing) = (self.pending(), self.writing());
+        let (pending, writing) = self.both();
         if pending.is_empty() && writing.is_empty() {
             return Vec::new();
         }
@@ -369,7 +430,7 @@ impl Unwritten {
 
     /// `overlay` for one sensor's summary, read from MongoDB (`None`: not there).
     fn overlay_one(&self, found: Option<SensorSummary>, id: &SensorId) -> Option<SensorSummary> {
-        let (pending, writing) = (self.pending(), self.writing());
+        let (pending, writing) = self.both();
         let counted = found.is_none();
         let mut s = found.unwrap_or_else(|| SensorSummary::empty(id.clone()));
         writing.apply(&mut s, counted);
@@ -380,7 +441,7 @@ impl Unwritten {
     /// Puts summaries read after `overlay` asked for them in place of the ones it built from
     /// the fold alone.
     fn add_read(&self, page: &mut [SensorSummary], read: Vec<SensorSummary>) {
-        let (pending, writing) = (self.pending(), self.writing());
+        let (pending, writing) = self.both();
         for mut stored in read {
             if let Some(slot) = page.iter_mut().find(|s| s.sensor_id == stored.sensor_id) {
                 writing.apply(&mut stored, false);
@@ -527,34 +588,40 @@ impl Store {
     /// Returns the sensors written, or the error and the sensors kept.
     pub async fn flush_summaries(&self, timeout: Duration) -> Result<usize, (StoreError, usize)> {
         let _flushing = self.unwritten.flushing.lock().await;
-        let fold = std::mem::take(&mut *self.unwritten.pending());
-        if fold.is_empty() {
+        let Some(fold) = self.unwritten.begin_flush() else {
             return Ok(0);
-        }
-        *self.unwritten.writing() = fold.clone();
-        let outcome = tokio::time::timeout(timeout, self.record_summaries(&fold)).await;
-        let mut writing = self.unwritten.writing();
-        let unapplied = match outcome {
-            Ok(Ok(())) => {
-                *writing = SummaryFold::default();
-                return Ok(fold.len());
-            }
-            Ok(Err((e, unapplied))) => (e, unapplied),
-            Err(_) => (StoreError::TimedOut(timeout), fold),
         };
-        let (error, unapplied) = unapplied;
-        let kept = unapplied.len();
-        // Back into pending before `writing` empties, so a read never misses it.
-        self.unwritten.pending().merge(unapplied);
-        *writing = SummaryFold::default();
-        Err((error, kept))
+        match tokio::time::timeout(timeout, self.record_summaries(&fold)).await {
+            Ok(Ok(())) => {
+                self.unwritten.end_flush(SummaryFold::default());
+                Ok(fold.len())
+            }
+            Ok(Err((error, unapplied))) => {
+                let kept = unapplied.len();
+                self.unwritten.end_flush(unapplied);
+                Err((error, kept))
+            }
+            Err(_) => {
+                let kept = fold.len();
+                self.unwritten.end_flush(fold);
+                Err((StoreError::TimedOut(timeout), kept))
+            }
+        }
     }
 
     /// Sensors in id order, from the summary: one indexed read, however long the history, plus
     /// what this process has not written yet.
     pub async fn sensors(&self, query: &SummaryQuery) -> Result<Vec<SensorSummary>, StoreError> {
-        let mut page = self.stored_sensors(query).await?;
-        let unread = self.unwritten.overlay(&mut page, query);
+        let (mut page, unread) = self
+            .unwritten
+            .consistent(
+                || self.stored_sensors(query),
+                |mut page| {
+                    let unread = self.unwritten.overlay(&mut page, query);
+                    (page, unread)
+                },
+            )
+            .await?;
         if !unread.is_empty() {
             let ids: Vec<&str> = unread.iter().map(SensorId::as_str).collect();
             let read: Vec<SensorSummary> = self
@@ -747,12 +814,16 @@ impl Store {
 
     /// One sensor's summary; `None` when it never reported.
     pub async fn sensor(&self, id: &str) -> Result<Option<SensorSummary>, StoreError> {
-        let found = self.summaries.find_one(doc! {"_id": id}).await?;
-        let found = found.and_then(SummaryDoc::into_summary);
-        Ok(match SensorId::parse(id) {
-            Ok(sensor) => self.unwritten.overlay_one(found, &sensor),
-            Err(_) => found,
-        })
+        let read = || async move {
+            let found = self.summaries.find_one(doc! {"_id": id}).await?;
+            Ok(found.and_then(SummaryDoc::into_summary))
+        };
+        let Ok(sensor) = SensorId::parse(id) else {
+            return read().await;
+        };
+        self.unwritten
+            .consistent(read, |found| self.unwritten.overlay_one(found, &sensor))
+            .await
     }
 }
 
@@ -871,6 +942,44 @@ mod tests {
 
     fn ids(page: &[SensorSummary]) -> Vec<&str> {
         page.iter().map(|s| s.sensor_id.as_str()).collect()
+    }
+
+    /// A flush that ends after MongoDB answered a read without it, and before the overlay,
+    /// has emptied the fold of what it wrote: the read is made again. (Found by a CI run: a
+    /// sensor stored and counted was missing from `/sensors`.)
+    #[tokio::test]
+    async fn a_read_answered_before_a_flush_ended_is_made_again() {
+        let unwritten = Unwritten::default();
+        unwritten.pending().add(&[reading("a", "t", 1.0, 10)]);
+        // MongoDB, as far as this test goes: the sensors a flush wrote.
+        let mongo = Mutex::new(Vec::<SensorSummary>::new());
+        let mut reads = 0;
+        let page = unwritten
+            .consistent(
+                || {
+                    reads += 1;
+                    let answer = mongo.lock().unwrap().clone();
+                    if reads == 1 {
+                        // The flush runs, and ends, while the first answer is on its way.
+                        assert!(unwritten.begin_flush().is_some(), "pending");
+                        let mut overlaid = Vec::new();
+                        unwritten.overlay(&mut overlaid, &query(None, None, None, 10));
+                        assert_eq!(ids(&overlaid), ["a"], "while written: in writing");
+                        mongo.lock().unwrap().push(stored("a", "t", 10, 10, 1.0, 1));
+                        unwritten.end_flush(SummaryFold::default());
+                    }
+                    std::future::ready(Ok(answer))
+                },
+                |mut page| {
+                    unwritten.overlay(&mut page, &query(None, None, None, 10));
+                    page
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(reads, 2);
+        assert_eq!(ids(&page), ["a"]);
+        assert_eq!(page[0].count, 1);
     }
 
     #[test]
