@@ -603,6 +603,26 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows how the process it talked to fared.
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            let logs = self.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            eprintln!(
+                "sensorhub (http {}, mqtt {}) {}; the last lines of its log ({}):\n{}",
+                self.http_port,
+                self.mqtt_port,
+                exited.map_or_else(
+                    || "still running".to_owned(),
+                    |s| format!("exited with {s}")
+                ),
+                self.log.display(),
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
         self.kill();
     }
 }
