@@ -23,11 +23,35 @@ use serde_json::Value;
 /// a performance claim: performance is measured by the benchmark.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// Where test servers listen: below Linux's ephemeral range (32768-60999), which the outgoing
+/// connections of the tests draw their local ports from. A port the kernel picked for `bind(0)`
+/// was in that range, and between this function and the server's own bind one of the thousands
+/// of connections some tests open could take it ("Address already in use", seen once). A Redis
+/// Cluster node's bus port is its port + 10,000: 22,000-31,999, outside both.
+const PORTS: std::ops::Range<u16> = 12_000..22_000;
+
+/// A port nothing listens on, never the same one twice in this process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    // Processes started side by side begin in different places.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        std::sync::atomic::Ordering::AcqRel,
+        std::sync::atomic::Ordering::Acquire,
+    );
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::AcqRel) % span;
+        let port = PORTS.start + u16::try_from(n).expect("within the range");
+        let free = ["127.0.0.1", "0.0.0.0"]
+            .iter()
+            .all(|host| TcpListener::bind((*host, port)).is_ok());
+        if free {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?}");
 }
 
 pub fn unique(prefix: &str) -> String {
