@@ -97,10 +97,14 @@ impl Server {
         assert!(self.child.is_none(), "{} already running", self.program);
         let log = std::fs::File::create(self.dir.join(format!("{}.log", self.program)))
             .expect("server log");
-        // `exec` keeps the pid; the watcher kills the server once this test process is gone.
+        // The server's pid goes to a file, so signals reach it and nothing else; the watcher
+        // kills the server once this test process is gone.
+        let pid_file = self.pid_file();
+        let _ = std::fs::remove_file(&pid_file);
         let script = format!(
-            "{} & server=$!; (while kill -0 {} 2>/dev/null; do sleep 1; done; kill -9 $server 2>/dev/null) & wait $server",
+            "{} & server=$!; echo $server > '{}'; (while kill -0 {} 2>/dev/null; do sleep 1; done; kill -9 $server 2>/dev/null) & wait $server",
             shell_words(&self.program, &self.args),
+            pid_file.display(),
             std::process::id()
         );
         let child = Command::new("bash")
@@ -129,11 +133,24 @@ impl Server {
         self.send("-CONT");
     }
 
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("server.pid")
+    }
+
+    /// The server's pid, as its start wrote it.
+    fn pid(&self) -> Option<String> {
+        let pid = std::fs::read_to_string(self.pid_file()).ok()?;
+        Some(pid.trim().to_owned()).filter(|p| !p.is_empty())
+    }
+
     fn send(&self, signal: &str) {
-        let status = Command::new("pkill")
-            .args([signal, "-f", &format!("{} .*{}", self.program, self.port)])
+        let pid = self
+            .pid()
+            .unwrap_or_else(|| panic!("no {} process to signal", self.program));
+        let status = Command::new("kill")
+            .args([signal, &pid])
             .status()
-            .expect("pkill");
+            .expect("kill");
         assert!(status.success(), "no {} process to signal", self.program);
     }
 
@@ -143,9 +160,11 @@ impl Server {
     }
 
     fn signal(&mut self, signal: &str) {
-        let _ = Command::new("pkill")
-            .args([signal, "-f", &format!("{} .*{}", self.program, self.port)])
-            .status();
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill").args([signal, &pid]).status();
+            // Once it is gone, its pid may be another process's.
+            let _ = std::fs::remove_file(self.pid_file());
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -282,8 +301,7 @@ pub fn start_mosquitto_with(extra: &str) -> Server {
     // Mosquitto started as root drops to its own user, which must be able to save here.
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
         .expect("chmod");
-    // The port in the file name: `Server::stop` finds the process by program and port.
-    let conf = dir.join(format!("mosquitto-{port}.conf"));
+    let conf = dir.join("mosquitto.conf");
     std::fs::write(
         &conf,
         format!(
