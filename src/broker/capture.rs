@@ -56,6 +56,10 @@ pub const RESERVED_CLIENT_PREFIX: &str = "sensorhub-internal-";
 /// neither keeps nor forwards it.
 pub const REFUSED_TOPIC: &str = "$sensorhub/refused";
 
+/// The Topic Alias Maximum rumqttd's router announces in every MQTT 5 CONNACK (its
+/// `TOPIC_ALIAS_MAX`); a PUBLISH with an alias of 0 or above it is a protocol error.
+const TOPIC_ALIAS_MAX: u16 = 4096;
+
 /// The MQTT version a listener speaks, for its reason codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Version {
@@ -345,16 +349,20 @@ impl<P> Capture<P> {
             && let Some(alias) = props.topic_alias
         {
             let mut session = self.session();
+            let invalid = alias == 0 || alias > TOPIC_ALIAS_MAX;
+            let known = session.rare.as_ref().and_then(|r| r.aliases.get(&alias));
+            if invalid || (publish.topic.is_empty() && known.is_none()) {
+                // Passed on as sent, nothing captured: the router closes the connection with
+                // DISCONNECT Topic Alias invalid (0x94) or, for an alias never set, Protocol
+                // Error (0x82), before it appends or acknowledges anything.
+                return Packet::Publish(publish, properties);
+            }
             if publish.topic.is_empty() {
-                let known = session.rare.as_ref().and_then(|r| r.aliases.get(&alias));
-                if let Some(topic) = known {
-                    publish.topic = topic.clone();
-                    props.topic_alias = None;
-                }
+                publish.topic = known.cloned().unwrap_or_default();
             } else {
                 session.rare().aliases.insert(alias, publish.topic.clone());
-                props.topic_alias = None;
             }
+            props.topic_alias = None;
         }
         let topic = publish.topic.clone();
         let sparkplug_node = sparkplug::is_sparkplug_topic(&topic)

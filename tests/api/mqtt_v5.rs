@@ -1,7 +1,7 @@
 //! The embedded broker's MQTT 5 behaviour, tested over TCP with rumqttc's independent MQTT 5
 //! client: QoS downgrade, No Local, Maximum Packet Size, zero-length client ids, sessions and
 //! their expiry, retained messages, wills with a delay, shared subscriptions, topic aliases
-//! and keep-alive. Each behaviour here is one that rumqttd 0.20 got wrong or that devices rely
+//! (and the DISCONNECT an invalid one gets) and keep-alive. Each behaviour here is one that rumqttd 0.20 got wrong or that devices rely
 //! on (see README, "Broker conformance"). Where a test must show that something does NOT
 //! arrive, it sends a marker after it on the same path and checks the marker comes first.
 
@@ -493,11 +493,112 @@ async fn raw_connect(
     packet.extend_from_slice(&body);
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream.write_all(&packet).await.unwrap();
-    let mut connack = [0u8; 4];
-    timeout(PATIENCE, stream.read_exact(&mut connack))
+    let (kind, connack) = read_packet(&mut stream).await;
+    assert_eq!(kind, 0x20, "CONNACK");
+    (stream, connack[1])
+}
+
+/// One packet off the wire: its first byte and its body.
+async fn read_packet(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    timeout(PATIENCE, async {
+        let kind = stream.read_u8().await.unwrap();
+        let (mut length, mut shift) = (0usize, 0);
+        loop {
+            let byte = stream.read_u8().await.unwrap();
+            length |= usize::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; length];
+        stream.read_exact(&mut body).await.unwrap();
+        (kind, body)
+    })
+    .await
+    .expect("no packet in time")
+}
+
+/// A raw MQTT 5 QoS 1 PUBLISH (packet id 1) with a Topic Alias property.
+fn raw_publish(topic: &str, alias: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&u16::try_from(topic.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&1u16.to_be_bytes());
+    body.extend_from_slice(&[3, 0x23]); // properties: 3 bytes, Topic Alias
+    body.extend_from_slice(&alias.to_be_bytes());
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x32];
+    let mut length = body.len();
+    loop {
+        let byte = u8::try_from(length & 0x7f).unwrap();
+        length >>= 7;
+        packet.push(if length > 0 { byte | 0x80 } else { byte });
+        if length == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[tokio::test]
+async fn a_publish_with_an_invalid_topic_alias_ends_the_connection_with_its_reason() {
+    let app = TestApp::spawn().await;
+    let reading = |id: &str| crate::helpers::reading_json(id, 1.0, &crate::helpers::ts(0));
+    let cases = [
+        (
+            "sensors/temperature",
+            0,
+            "alias-zero",
+            0x94,
+            "Topic Alias 0",
+        ),
+        (
+            "sensors/temperature",
+            4097,
+            "alias-over",
+            0x94,
+            "above the maximum the CONNACK gave",
+        ),
+        ("", 5, "alias-unset", 0x82, "an alias never set"),
+    ];
+    for (topic, alias, sensor, code, what) in cases {
+        let (mut stream, reason) = raw_connect(app.mqtt5_port, sensor, 30, None).await;
+        assert_eq!(reason, 0, "CONNACK Success");
+        stream
+            .write_all(&raw_publish(topic, alias, reading(sensor).as_bytes()))
+            .await
+            .unwrap();
+        let (kind, body) = read_packet(&mut stream).await;
+        assert_eq!(
+            kind, 0xE0,
+            "{what}: DISCONNECT, not a PUBACK ({kind:#x} {body:?})"
+        );
+        assert_eq!(body.first(), Some(&code), "{what}: the reason code");
+        let mut rest = Vec::new();
+        let closed = timeout(PATIENCE, stream.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "{what}: the connection is closed, nothing after the DISCONNECT: {rest:?}"
+        );
+    }
+    // Nothing of them was kept: a reading sent after them is the only one stored.
+    let (mut stream, _) = raw_connect(app.mqtt5_port, "alias-good", 30, None).await;
+    stream
+        .write_all(&raw_publish(
+            "sensors/temperature",
+            1,
+            reading("alias-good").as_bytes(),
+        ))
         .await
-        .expect("no CONNACK")
         .unwrap();
-    assert_eq!(connack[0], 0x20, "CONNACK");
-    (stream, connack[3])
+    let (kind, _) = read_packet(&mut stream).await;
+    assert_eq!(kind, 0x40, "PUBACK for a valid alias");
+    app.wait_for_count(1).await;
+    let (_, letters) = app.get_json("/deadletters").await;
+    assert_eq!(letters.as_array().map(Vec::len), Some(0), "{letters}");
+    let (status, body) = app.get_json("/latestten/alias-zero").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(app.count_readings().await, 1);
 }

@@ -55,6 +55,10 @@ pub fn read(
     let disconnect = Disconnect {
         reason_code: reason(reason_code)?,
     };
+    // A Remaining Length of 1: the reason code alone, no properties (3.14.2.2.1).
+    if fixed_header.remaining_len == 1 {
+        return Ok((disconnect, None));
+    }
     let properties = properties::read(&mut bytes)?;
 
     Ok((disconnect, properties))
@@ -78,10 +82,10 @@ pub fn write(
 
     buffer.put_u8(code(disconnect.reason_code));
 
+    // Without properties the packet ends at the reason code (3.14.2.2.1: a Remaining Length
+    // under 2 means no properties), as `len` counted it.
     if let Some(properties) = &properties {
         properties::write(properties, buffer)?;
-    } else {
-        write_remaining_length(buffer, 0)?;
     }
 
     Ok(1 + len_len + length)
@@ -267,6 +271,21 @@ mod test {
             0x74, // User properties
             0x1C, 0x00, 0x04, 0x74, 0x65, 0x73, 0x74, // server reference
         ]
+    }
+
+    #[test]
+    fn a_reason_code_without_properties_is_three_bytes_and_reads_back() {
+        let disconnect = Disconnect {
+            reason_code: DisconnectReasonCode::TopicAliasInvalid,
+        };
+        let mut buffer = BytesMut::new();
+        let written = write(&disconnect, &None, &mut buffer).unwrap();
+        assert_eq!(&buffer[..], &[0xE0, 0x01, 0x94]);
+        assert_eq!(written, 3);
+
+        let fixed_header = parse_fixed_header(buffer.iter()).unwrap();
+        let bytes = buffer.split_to(fixed_header.frame_length()).freeze();
+        assert_eq!(read(fixed_header, bytes).unwrap(), (disconnect, None));
     }
 
     #[test]
