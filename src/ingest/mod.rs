@@ -931,11 +931,15 @@ async fn rebuild_sensors(
     store: &Store,
     ids: &[SensorId],
 ) -> Result<(), RebuildError> {
+    // Where each sensor's newest readings are, from its summary: most sensors are then one
+    // query, however old their history. Without a summary, the search starts from now.
+    let hints = store.latest_hints(ids).await?;
     // Owned futures: borrowed ones make the repair task's future not provably `Send`.
     let rebuilds = ids.iter().cloned().map(|id| {
         let (cache, store) = (cache.clone(), store.clone());
+        let hint = hints.get(&id).copied();
         async move {
-            let latest = store.latest(Some(&id), None, LATEST as u32).await?;
+            let latest = store.latest_hinted(&id, LATEST as u32, hint).await?;
             cache.rebuild(Some(&id), &latest).await?;
             Ok::<_, RebuildError>(())
         }

@@ -31,7 +31,7 @@ pub use history::{
     SeriesQuery, Stat, Stats,
 };
 pub use retention::TtlChange;
-pub use summaries::{KindSummary, SensorSummary, SummaryFold, SummaryQuery};
+pub use summaries::{KindSummary, LatestHint, SensorSummary, SummaryFold, SummaryQuery};
 pub use writes::WriteLog;
 
 /// Where the history lives.
@@ -416,9 +416,45 @@ impl Store {
         kind: Option<&Kind>,
         n: u32,
     ) -> Result<Vec<Reading>, StoreError> {
-        let now = Timestamp::now();
+        self.latest_from(sensor, kind, n, Timestamp::now(), &LATEST_WINDOWS_MS)
+            .await
+    }
+
+    /// `latest` for one sensor, with what its summary says (`LatestHint`): the windows end at
+    /// the summary's newest reading rather than now, and a sensor with no more readings than
+    /// asked for is read whole at once. A hint only moves where the search starts, never what
+    /// it finds: a window counts only when it holds `n` readings, whatever its start.
+    pub async fn latest_hinted(
+        &self,
+        sensor: &SensorId,
+        n: u32,
+        hint: Option<LatestHint>,
+    ) -> Result<Vec<Reading>, StoreError> {
+        match hint {
+            None => self.latest(Some(sensor), None, n).await,
+            Some(hint) if hint.count <= u64::from(n) => {
+                self.latest_from(Some(sensor), None, n, hint.newest, &[])
+                    .await
+            }
+            Some(hint) => {
+                self.latest_from(Some(sensor), None, n, hint.newest, &LATEST_WINDOWS_MS)
+                    .await
+            }
+        }
+    }
+
+    /// The `n` newest readings, asked for since `end - window` for each window in turn, then
+    /// with no bound.
+    async fn latest_from(
+        &self,
+        sensor: Option<&SensorId>,
+        kind: Option<&Kind>,
+        n: u32,
+        end: Timestamp,
+        windows: &[i64],
+    ) -> Result<Vec<Reading>, StoreError> {
         let mut readings = Vec::new();
-        for window in LATEST_WINDOWS_MS.iter().map(Some).chain([None]) {
+        for window in windows.iter().map(Some).chain([None]) {
             let mut filter = match sensor {
                 Some(id) => doc! {"sensor_id": id.as_str()},
                 None => doc! {},
@@ -427,7 +463,7 @@ impl Store {
                 filter.insert("kind", kind.as_str());
             }
             if let Some(window) = window {
-                let since = now.saturating_add_millis(-window);
+                let since = end.saturating_add_millis(-window);
                 filter.insert(
                     "timestamp",
                     doc! {"$gte": DateTime::from_millis(since.as_millis())},

@@ -827,6 +827,39 @@ impl Store {
     }
 }
 
+/// What the summary says of a sensor, for `Store::latest_hinted`: the time of its newest
+/// reading and how many it has (short by a pause's worth at most, never too high).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LatestHint {
+    pub newest: Timestamp,
+    pub count: u64,
+}
+
+impl Store {
+    /// The summary's `LatestHint` of each of `ids` that has one, in one read.
+    pub async fn latest_hints(
+        &self,
+        ids: &[SensorId],
+    ) -> Result<HashMap<SensorId, LatestHint>, StoreError> {
+        let wanted: Vec<&str> = ids.iter().map(SensorId::as_str).collect();
+        let docs: Vec<SummaryDoc> = self
+            .summaries
+            .find(doc! {"_id": {"$in": wanted}})
+            .projection(doc! {"last_seen": 1, "count": 1})
+            .await?
+            .try_collect()
+            .await?;
+        Ok(docs
+            .into_iter()
+            .filter_map(|d| {
+                let newest = Timestamp::from_millis(d.last_seen?.timestamp_millis())?;
+                let count = u64::try_from(d.count).ok()?;
+                Some((SensorId::parse(&d.id).ok()?, LatestHint { newest, count }))
+            })
+            .collect())
+    }
+}
+
 /// `text` matched literally inside a regular expression.
 fn regex_escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());

@@ -110,6 +110,49 @@ async fn a_redis_that_lost_our_keys_while_we_were_stopped_is_rebuilt() {
     assert!(app.metric("sensorhub_cache_rebuilds_total").await >= SENSORS as u64);
 }
 
+/// The rebuild reads where each sensor's newest readings are from its summary; a summary that is
+/// behind, ahead, short of readings or missing moves where the search starts, never its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_is_exact_whatever_the_summary_says() {
+    let mut app = TestApp::spawn().await;
+    fill(&app).await;
+    assert!(app.terminate().await);
+    let summary = app
+        .mongo()
+        .await
+        .collection::<bson::Document>("sensor_readings.sensors");
+    let at = |millis: i64| bson::DateTime::from_millis(1_767_225_600_000 + millis);
+    let wrong = [
+        // Behind, and counting fewer readings than the latest ten.
+        ("r0", at(0), 3),
+        // Ahead of every reading by a year, with more readings than it has.
+        ("r1", at(366 * 86_400_000), 1000),
+        // Behind by a day, the count right.
+        ("r2", at(-86_400_000), PER_SENSOR as i64),
+    ];
+    for (id, last_seen, count) in wrong {
+        let changed = summary
+            .update_one(
+                bson::doc! {"_id": id},
+                bson::doc! {"$set": {"last_seen": last_seen, "count": count}},
+            )
+            .await
+            .unwrap();
+        assert_eq!(changed.matched_count, 1, "{id} has a summary");
+    }
+    // And none at all.
+    summary.delete_one(bson::doc! {"_id": "r3"}).await.unwrap();
+    let keys = redis_cli(
+        &app,
+        &["--scan", "--pattern", &format!("{{{}}}:*", app.prefix)],
+    );
+    let mut del = vec!["del"];
+    del.extend(keys.lines().filter(|k| !k.is_empty()));
+    redis_cli(&app, &del);
+    app.start().await;
+    assert_latest_right(&app).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sets_known_stale_at_the_stop_are_not_trusted_after_it() {
     let mut app = TestApp::spawn().await;
