@@ -430,17 +430,16 @@ impl Store {
         n: u32,
         hint: Option<LatestHint>,
     ) -> Result<Vec<Reading>, StoreError> {
-        match hint {
-            None => self.latest(Some(sensor), None, n).await,
-            Some(hint) if hint.count <= u64::from(n) => {
-                self.latest_from(Some(sensor), None, n, hint.newest, &[])
-                    .await
-            }
-            Some(hint) => {
-                self.latest_from(Some(sensor), None, n, hint.newest, &LATEST_WINDOWS_MS)
-                    .await
-            }
-        }
+        let Some(hint) = hint else {
+            return self.latest(Some(sensor), None, n).await;
+        };
+        let windows: &[i64] = if hint.count <= u64::from(n) {
+            &[]
+        } else {
+            &LATEST_WINDOWS_MS
+        };
+        self.latest_from(Some(sensor), None, n, hint.newest, windows)
+            .await
     }
 
     /// The `n` newest readings, asked for since `end - window` for each window in turn, then
